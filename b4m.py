@@ -1,0 +1,1007 @@
+"""
+B4M, "Break-for-Make", in one file: content-style customization of a text-to-image diffusion
+model with partly learnable LoRA projections (PLP).
+
+    Yu Xu, Fan Tang, Juan Cao, Yuxin Zhang, Oliver Deussen, Weiming Dong, Jintao Li, Tong-Yee Lee.
+    "B4M: Breaking Low-Rank Adapter for Making Content-Style Customization", ACM TOG 2025
+    (arXiv 2403.19456, "Break-for-Make"). Preconditioner: Zhang & Pilanci, "Riemannian
+    Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
+
+A LoRA `dW = U V` is split into frozen and trainable halves (section 1), the frozen halves cut
+from one orthonormal basis (section 2). Break: one PLP learns the content in the down projection,
+another the style in the up projection (section 3). Make: the two are reassembled into one LoRA
+and fine-tuned briefly with a Riemannian-preconditioned AdamW (sections 4 and 5). The result is an
+ordinary diffusers LoRA (section 6).
+
+    python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
+    python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+__version__ = "0.1.0"
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections B4M adapts (paper, sec. 3)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Partly learnable projection (PLP)
+#       U = [A; B]  (m x r),  V = [C, D]  (r x n),  dW = U V = [[A C, A D], [B C, B D]]
+#       A: first m//2 rows of U, C: first n//2 columns of V, both frozen; B and D are learned.
+# ---------------------------------------------------------------------------------------------
+
+
+class PLPLinear(nn.Module):
+    """y = W0 x + U (V x), with A and C frozen by construction (buffers, not parameters)."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator=None, prior=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        m, n = base.out_features, base.in_features
+        # fp16/bf16 models keep an fp32 adapter; fp32/fp64 models one of their own precision.
+        dtype = torch.promote_types(base.weight.dtype, torch.float32)
+        A, C = (prior or orthogonal_prior)(m, n, rank, generator)  # section 2 below
+        D = torch.randn(rank, n - n // 2, generator=generator, dtype=torch.float64) / rank
+        kw = dict(dtype=dtype, device=base.weight.device)
+        self.register_buffer("A", A.to(**kw))
+        self.register_buffer("C", C.to(**kw))
+        self.B = nn.Parameter(torch.zeros(m - m // 2, rank, **kw))
+        # Official init: B = 0, D ~ N(0, 1/r^2). dW = [[A C, A D], [0, 0]] is NOT zero at step 0:
+        # unlike a plain LoRA, a fresh PLP already perturbs the model through its frozen rows A.
+        self.D = nn.Parameter(D.to(**kw))
+
+    @property
+    def up(self):  # U, m x r
+        return torch.cat([self.A, self.B], 0)
+
+    @property
+    def down(self):  # V, r x n
+        return torch.cat([self.C, self.D], 1)
+
+    def delta_weight(self):
+        return self.up @ self.down
+
+    def forward(self, x):
+        h = F.linear(F.linear(x.to(self.B.dtype), self.down), self.up)  # U (V x): rank-r path
+        return self.base(x) + h.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Orthogonal prior
+#       Q = qr(N(0, 1)^{(m//2 + n//2) x r}),  A = Q[:m//2],  C = Q[m//2:]^T   =>   A^T A + C C^T = I_r
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_rank(out_features, in_features, rank):
+    if rank < 1 or out_features // 2 + in_features // 2 < rank:
+        raise ValueError(f"rank must be between 1 and out_features//2 + in_features//2 = "
+                         f"{out_features // 2 + in_features // 2} for a {out_features}x{in_features} layer, got {rank}")
+
+
+def orthogonal_prior(out_features, in_features, rank, generator=None, dtype=torch.float32):
+    """Frozen scaffold (A, C) cut from one orthonormal basis, so the two span well-separated
+    directions and keep U^T U and V V^T well conditioned for the preconditioner (section 5)."""
+    _check_rank(out_features, in_features, rank)
+    m_f = out_features // 2
+    # Drawn in float64 on the CPU: the same (seed, layer) gives bit-identical A, C on any device.
+    Q, R = torch.linalg.qr(torch.randn(m_f + in_features // 2, rank, generator=generator, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))  # unique QR: Q depends on the draw alone, not on LAPACK
+    return Q[:m_f].to(dtype), Q[m_f:].T.contiguous().to(dtype)
+
+
+def random_prior(out_features, in_features, rank, generator=None, dtype=torch.float32):
+    """Ablation (--no-orth-prior): A and C drawn independently, at the orthonormal draw's scale."""
+    _check_rank(out_features, in_features, rank)
+    m_f, n_f = out_features // 2, in_features // 2
+    std = (m_f + n_f) ** -0.5  # an entry of a unit column of length m_f + n_f
+    A = torch.randn(m_f, rank, generator=generator, dtype=torch.float64) * std
+    C = torch.randn(rank, n_f, generator=generator, dtype=torch.float64) * std
+    return A.to(dtype), C.to(dtype)
+
+
+def layer_generator(seed, name):
+    """A generator seeded by (seed, module name): Python's hash() is salted per process, sha256 is not."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def is_target(name, module):
+    return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, (nn.Linear, PLPLinear))
+
+
+def rank_limit(denoiser):
+    """The largest rank every adapted layer allows (m//2 + n//2 >= r, section 2)."""
+    return min(m.out_features // 2 + m.in_features // 2 for n, m in denoiser.named_modules()
+               if is_target(n, m) and isinstance(m, nn.Linear))
+
+
+def add_plp(denoiser, rank, seed, prior=None):
+    """Wrap every to_q, to_k, to_v, to_out.0 of the denoiser in a PLPLinear (a PLPLinear already
+    there is re-drawn around its base layer). Returns {module name: PLPLinear}."""
+    layers = {}
+    for name, module in list(denoiser.named_modules()):
+        if is_target(name, module):
+            base = module.base if isinstance(module, PLPLinear) else module
+            layers[name] = PLPLinear(base, rank, layer_generator(seed, name), prior)
+            denoiser.set_submodule(name, layers[name])
+    return layers
+
+
+def remove_plp(denoiser):
+    for name, module in list(denoiser.named_modules()):
+        if isinstance(module, PLPLinear):
+            denoiser.set_submodule(name, module.base)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Riemannian preconditioned step (spec section 5; used by make)
+#       G_B <- G_B (V V^T + delta I)^-1,      G_D <- (U^T U + delta I)^-1 G_D,      then AdamW
+# ---------------------------------------------------------------------------------------------
+
+
+def riemannian_precondition(up, down, grad_B, grad_D, delta=1e-6):
+    """Precondition any block of rows of dL/dU (grad_B) and any block of columns of dL/dV (grad_D).
+    The r x r factors act on the rank side, so slicing before or after preconditioning is the same;
+    with the full gradients this is plain Riemannian LoRA. Works batched over a leading dim."""
+    eye = delta * torch.eye(up.shape[-1], dtype=up.dtype, device=up.device)
+    grad_B = torch.linalg.solve(down @ down.mT + eye, grad_B, left=False)
+    grad_D = torch.linalg.solve(up.mT @ up + eye, grad_D)
+    return grad_B, grad_D
+
+
+class RiemannianAdamW(torch.optim.AdamW):
+    """AdamW on the B and D of PLP layers, fed preconditioned gradients (scaled AdamW).
+
+    Why: the first-order change of dW under a preconditioned step depends only on the column space
+    of U and the row space of V, so it is the same for every factorisation (U M, M^-1 V) of dW.
+    Plain gradients are not: they favour whichever factor happens to be larger. The preconditioners
+    use the full U and V (frozen A and C included). The official script gave its optimizer only the
+    last attention layer's pair; here every layer is. Layers of one shape are solved
+    in one batched call. p.grad is replaced by its preconditioned value, as gradient clipping does.
+    """
+
+    def __init__(self, layers, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=1e-6):
+        self.layers, self.delta = list(layers), delta
+        params = [p for layer in self.layers for p in (layer.B, layer.D)]
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def precondition(self):
+        shapes = {}
+        for layer in self.layers:
+            if layer.B.grad is not None and layer.D.grad is not None:
+                shapes.setdefault((layer.A.shape, layer.C.shape, layer.B.dtype), []).append(layer)
+        for group in shapes.values():
+            up = torch.stack([layer.up for layer in group])
+            down = torch.stack([layer.down for layer in group])
+            gB = torch.stack([layer.B.grad for layer in group])
+            gD = torch.stack([layer.D.grad for layer in group])
+            gB, gD = riemannian_precondition(up, down, gB, gD, self.delta)
+            for layer, b, d in zip(group, gB, gD):
+                layer.B.grad.copy_(b)
+                layer.D.grad.copy_(d)
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("RiemannianAdamW needs the gradients before the step: call backward(), then step()")
+        self.precondition()
+        return super().step()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Break: two PLPs trained apart, with multi-correspondence projection learning (MCP)
+#       content stage:  D <- grad_D L_content,   B <- grad_B mean_k L_aux_style_k
+#       style stage:    B <- grad_B L_style,     D <- grad_D mean_k L_aux_content_k
+#       L = || eps_theta(z_t, t, c) - target ||^2,  target = eps or v (scheduler.get_velocity)
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
+OFFICIAL = dict(rank=64, resolution=512, steps=1000, make_steps=1000, sample_steps=25, num_samples=4)
+TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
+
+
+class UsageError(Exception):
+    """Bad input: main() prints the message as one line and exits with code 2."""
+
+
+def open_image(path, resolution):
+    """RGB, EXIF-upright, centre-cropped to resolution x resolution. Raises on unreadable files."""
+    with Image.open(path) as img:
+        img.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced size, cheap for huge photos
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: keep the top 8 bits
+            img = img.point(lambda v: v / 256).convert("L")
+        if "A" in img.getbands() or "transparency" in img.info:  # transparent pixels become white
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
+        return ImageOps.fit(img.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
+    """(pixels in [-1, 1] of shape N x 3 x H x W, prompt). Unreadable images are skipped with a
+    warning naming each; a folder with none left, or with no prompt, is a UsageError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
+                         f"pass a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if prompt is None and (folder / "prompt.txt").is_file():
+        prompt = (folder / "prompt.txt").read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise UsageError(f"{flag} {folder}: prompt.txt is empty; write the set's prompt in it")
+    prompt = default_prompt if prompt is None else prompt.strip()
+    if prompt is None:
+        raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one holding its prompt")
+    if not prompt:
+        raise UsageError(f"{flag}: the prompt is empty; give a non-empty prompt")
+    images = []
+    for path in files:
+        try:
+            images.append(open_image(path, resolution))
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
+    if not images:
+        raise UsageError(f"{flag} {folder}: no readable image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                         f"add at least one image")
+    pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
+    pixels = pixels.view(len(images), resolution, resolution, 3).permute(0, 3, 1, 2)
+    return pixels.float() / 127.5 - 1, prompt
+
+
+def is_sdxl(pipe):
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, resolution):
+    """Denoiser conditioning for a list of prompts, batched: {'encoder_hidden_states': ..., and for
+    SDXL the pooled 'text_embeds' and the 'time_ids' (size, crop (0, 0), target size)}."""
+    dev = pipe.unet.device
+    if not is_sdxl(pipe):
+        return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
+    emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts))
+    return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids.to(dev, emb.dtype)}
+
+
+@torch.no_grad()
+def encode_set(pipe, pixels, prompt, resolution):
+    """Everything the loop needs from the VAE and the text encoders, computed once: the latent
+    posterior (mean, std) of every image and the prompt's conditioning."""
+    vae, dtype = pipe.vae, pipe.vae.dtype
+    if dtype != torch.float32:
+        vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
+    mean, std = [], []
+    for x in pixels.split(4):
+        dist = vae.encode(x.to(vae.device)).latent_dist
+        mean.append(dist.mean)
+        std.append(dist.std)
+    if dtype != torch.float32:
+        vae.to(dtype=dtype)
+    sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
+    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "prompt": prompt,
+            "cond": encode_prompts(pipe, [prompt], resolution)}
+
+
+def set_losses(unet, noise_scheduler, sets, batch_size, generator):
+    """Denoising loss of each set, in one forward over the concatenated batches of all sets."""
+    dev = unet.device
+    z0, cond = [], {}
+    for s in sets:
+        i = torch.randint(len(s["mean"]), (batch_size,), generator=generator)
+        eps = torch.randn(s["mean"][i].shape, generator=generator).to(dev)
+        z0.append(s["mean"][i] + s["std"][i] * eps)
+        for k, v in s["cond"].items():
+            cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
+    z0 = torch.cat(z0)
+    noise = torch.randn(z0.shape, generator=generator).to(dev)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(dev)
+    z_t = noise_scheduler.add_noise(z0, noise, t)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
+    cond = {k: torch.cat(v) for k, v in cond.items()}
+    hidden = cond.pop("encoder_hidden_states")
+    pred = unet(z_t.to(unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)).view(len(sets), -1).mean(1)
+
+
+def train(stage, steps, unet, noise_scheduler, objectives, optimizer, args, log, snapshot):
+    """The one training loop of every stage. objectives: [(sets, params, reduce), ...]; each
+    objective's loss is backpropagated into its own params only (Tensor.backward(inputs=...)),
+    which is the exact gradient routing of section 3. snapshot() returns the current adapter,
+    saved as a partial checkpoint on Ctrl-C."""
+    generator = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(range(1, steps + 1), desc=stage, dynamic_ncols=True)
+    step = 0
+    try:
+        for step in bar:
+            totals = [0.0] * len(objectives)
+            for _ in range(args.grad_accum):
+                for j, (sets, params, reduce) in enumerate(objectives):
+                    loss = reduce(set_losses(unet, noise_scheduler, sets, args.batch_size, generator))
+                    (loss / args.grad_accum).backward(inputs=params)
+                    totals[j] += loss.item() / args.grad_accum
+            if not all(math.isfinite(v) for v in totals):
+                raise UsageError(f"{stage} stage, step {step}: the loss is not finite ({totals[0]}); "
+                                 f"lower --lr/--aux-lr/--make-lr (adapters already saved are kept)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.append([stage, step] + [f"{v:.6g}" for v in totals] + [""] * (2 - len(totals)))
+            bar.set_postfix(loss=f"{totals[0]:.4f}")
+    except KeyboardInterrupt:
+        path = Path(args.out) / stage / "partial.safetensors"
+        save_lora(path, snapshot(), adapter_metadata(args, stage, partial_step=step - 1))
+        print(f"\ninterrupted in the {stage} stage after {step - 1} steps; partial adapter saved to {path}.\n"
+              f"Run the same command with --resume to continue: finished stages are kept and the "
+              f"{stage} stage starts again.", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        bar.close()
+
+
+def break_stage(stage, pipe, noise_scheduler, main, aux, args, log):
+    """Content stage: D learns the content set (lr), B the auxiliary style sets (aux lr).
+    Style stage: the mirror image. Returns the stage's adapter as a diffusers LoRA state dict."""
+    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
+    B = [layer.B for layer in layers.values()]
+    D = [layer.D for layer in layers.values()]
+    own, other = (D, B) if stage == "content" else (B, D)
+    optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr}, {"params": other, "lr": args.aux_lr}])
+    objectives = [([main], own, torch.mean)]
+    if not args.no_mcp:  # MCP: the other half is made to work with several partners (sec. 3.2)
+        objectives.append((aux, other, torch.mean))
+    train(stage, args.steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
+          lambda: lora_state_dict(layers))
+    return lora_state_dict(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Make: reassemble and fine-tune briefly
+#       U = [A; B_style],  V = [C, D_content],  then B, D <- RiemannianAdamW on L_style + L_content
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_state_dict(layers):
+    """The PLP layers as a standard diffusers LoRA: lora_B = U (m x r), lora_A = V (r x n), scale 1."""
+    sd = {}
+    for name, layer in layers.items():
+        sd[f"unet.{name}.lora_A.weight"] = layer.down.detach().float().cpu().contiguous()
+        sd[f"unet.{name}.lora_B.weight"] = layer.up.detach().float().cpu().contiguous()
+    return sd
+
+
+def load_plp_state(layers, sd):
+    with torch.no_grad():
+        for name, layer in layers.items():
+            U, V = sd[f"unet.{name}.lora_B.weight"], sd[f"unet.{name}.lora_A.weight"]
+            m_f, n_f = layer.A.shape[0], layer.C.shape[1]
+            for t, value in ((layer.A, U[:m_f]), (layer.B, U[m_f:]), (layer.C, V[:, :n_f]), (layer.D, V[:, n_f:])):
+                t.copy_(value)
+
+
+def reassemble(content, style, content_scale=1.0, style_scale=1.0):
+    """The made adapter: U = [A; s_s B_style], V = [C, s_c D_content]. A and C of the two break
+    stages must be bit-identical, else the two halves were learned against different scaffolds."""
+    made = {}
+    for key in content:
+        if not key.endswith("lora_B.weight"):
+            continue
+        down = key.replace("lora_B", "lora_A")
+        U, V = style[key], content[down]
+        m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
+        if not (torch.equal(U[:m_f], content[key][:m_f]) and torch.equal(V[:, :n_f], style[down][:, :n_f])):
+            raise UsageError(f"make: the frozen A/C of {key[5:-14]} differ between the content and the style "
+                             f"adapter; both must come from the same --seed, --rank and prior")
+        made[key] = torch.cat([U[:m_f], style_scale * U[m_f:]])
+        made[down] = torch.cat([V[:, :n_f], content_scale * V[:, n_f:]], 1)
+    return made
+
+
+def make_stage(pipe, noise_scheduler, content, style, content_sd, style_sd, args, log):
+    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
+    load_plp_state(layers, reassemble(content_sd, style_sd))
+    if args.no_precondition:
+        optimizer = torch.optim.AdamW([p for layer in layers.values() for p in (layer.B, layer.D)], lr=args.make_lr)
+    else:
+        optimizer = RiemannianAdamW(layers.values(), lr=args.make_lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    objectives = [([content, style], params, torch.sum)]  # L_content + L_style, one forward
+    train("b4m", args.make_steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
+          lambda: lora_state_dict(layers))
+    return lora_state_dict(layers)
+
+
+def lora_merge_stage(stage, pipe, noise_scheduler, data, args, log):
+    """Baseline (--baseline lora-merge): an ordinary peft LoRA, as the diffusers scripts train one."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=list(TARGETS)), adapter_name=stage)
+    params = [p for n, p in unet.named_parameters() if f".{stage}." in n]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+
+    def snapshot():
+        return {f"unet.{k}": v.detach().float().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items()}
+
+    train(stage, args.steps, unet, noise_scheduler, [([data], params, torch.mean)], optimizer, args, log, snapshot)
+    sd = snapshot()
+    unet.delete_adapters(stage)
+    return sd
+
+
+def merge_loras(content, style):
+    """Sum of two rank-r LoRAs = one rank-2r LoRA: U = [U_c, U_s], V = [V_c; V_s]."""
+    return {k: torch.cat([content[k], style[k]], 1 if "lora_B" in k else 0) for k in content}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Sample: the made adapter is an ordinary diffusers LoRA
+#       W = W0 + U V in every adapted projection; generate with the combined prompt
+# ---------------------------------------------------------------------------------------------
+
+DRIFT_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table", "a portrait of an old man"]
+
+
+@contextlib.contextmanager
+def lora_loaded(pipe, sd):
+    """Load a LoRA state dict with diffusers' own loader, unfused: unfusing subtracts U V again,
+    which is not exact in floating point, and later samples must see the untouched base weights."""
+    if sd is None:
+        yield
+        return
+    pipe.unet.load_lora_adapter(dict(sd), prefix="unet", adapter_name="b4m")
+    try:
+        yield
+    finally:
+        pipe.unet.unload_lora()
+
+
+def generate(pipe, sd, prompt, args, seed=None):
+    with lora_loaded(pipe, sd):
+        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed if seed is None else seed)
+        return pipe(prompt, num_images_per_prompt=args.num_samples, num_inference_steps=args.sample_steps,
+                    height=args.resolution, width=args.resolution, generator=generator).images
+
+
+def image_grid(rows):
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im, (j * w, i * h))
+    return grid
+
+
+def sample_run(pipe, adapters, args):
+    """samples/{content,style,b4m}_{i}.png and grid.png: one row each for content, style, b4m."""
+    out = Path(args.out) / "samples"
+    prompts = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
+    rows = []
+    for stage, sd in adapters.items():
+        images = generate(pipe, sd, prompts[stage], args)
+        for i, im in enumerate(images):
+            save_image(out / f"{stage}_{i}.png", im)
+        rows.append(images)
+    save_image(out / "grid.png", image_grid(rows))
+    if args.scale_grid:
+        save_image(out / "scale_grid.png", scale_grid(pipe, adapters, args))
+
+
+SCALES = (0.0, 0.5, 1.0, 1.5)
+
+
+def scale_grid(pipe, adapters, args):
+    """Rows: style scale s_s; columns: content scale s_c; one image each, same seed."""
+    one = argparse.Namespace(**{**vars(args), "num_samples": 1})
+    rows = [[generate(pipe, reassemble(adapters["content"], adapters["style"], s_c, s_s), args.prompt, one)[0]
+             for s_c in SCALES] for s_s in SCALES]
+    return image_grid(rows)
+
+
+@torch.no_grad()
+def drift_report(pipe, adapters, own_prompts, resolution, seed):
+    """drift: mean squared change of the noise prediction on unrelated prompts (how much the
+    adapter disturbs the base model); effect: the same on the adapter's own prompt. Same latents,
+    noise and timesteps for the adapted and the base model."""
+    unet, k = pipe.unet, len(DRIFT_PROMPTS)
+    g = torch.Generator().manual_seed(seed)
+    size = resolution // pipe.vae_scale_factor
+    z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
+    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)
+
+    def eps(prompts):
+        cond = encode_prompts(pipe, prompts, resolution)
+        hidden = cond.pop("encoder_hidden_states")
+        return unet(z, t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample.float()
+
+    base = eps(DRIFT_PROMPTS)
+    report = {"drift": {}, "effect": {}}
+    for stage, sd in adapters.items():
+        base_own = eps([own_prompts[stage]] * k)
+        with lora_loaded(pipe, sd):
+            report["drift"][stage] = F.mse_loss(eps(DRIFT_PROMPTS), base).item()
+            report["effect"][stage] = F.mse_loss(eps([own_prompts[stage]] * k), base_own).item()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: every write is atomic (temporary file in the same folder, then os.replace), adapters are
+# safetensors only (no pickle), in the key layout diffusers' load_lora_weights reads.
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def atomic(path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_lora(path, sd, metadata):
+    from safetensors.torch import save_file
+
+    # One metadata key: safetensors writes several keys in a random order, and the same run must
+    # give byte-identical files.
+    with atomic(path) as tmp:
+        save_file(sd, tmp, metadata={"b4m": json.dumps(metadata, sort_keys=True)})
+
+
+def load_lora(path, unet, expect):
+    """Read an adapter and check it against the model and the run: keys, shapes, metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, sd = json.loads((f.metadata() or {}).get("b4m", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UsageError(f"{path}: not a readable b4m adapter ({type(e).__name__}); re-run with --overwrite")
+    for key, value in expect.items():
+        if key != "version" and meta.get(key) != value:
+            raise UsageError(f"{path}: made with {key}={meta.get(key)}, this run has {key}={value}; "
+                             f"use the matching model/settings or another --out")
+    for key, t in sd.items():
+        name, kind = key[len("unet."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        try:
+            layer = unet.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"{path}: layer {name} is not in this model; the adapter was made for another model")
+        layer = getattr(layer, "base", layer)
+        shape = (layer.out_features, -1) if kind == "lora_B" else (-1, layer.in_features)
+        if t.ndim != 2 or any(s != -1 and s != d for s, d in zip(shape, t.shape)):
+            raise UsageError(f"{path}: {key} has shape {tuple(t.shape)}, this model's layer needs "
+                             f"{tuple(shape)}; the adapter was made for another model")
+    return sd, meta
+
+
+def save_image(path, image):
+    with atomic(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_json(path, obj):
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_csv(path, rows):
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([["stage", "step", "loss", "aux_loss"]] + rows)
+
+
+def adapter_metadata(args, stage, partial_step=None):
+    meta = {"stage": stage, "method": args.baseline, "rank": args.rank, "seed": args.seed,
+            "prior": "random" if args.no_orth_prior else "orthogonal", "base_model": args.model,
+            "version": __version__}
+    if partial_step is not None:
+        meta["partial_step"] = partial_step
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: any diffusers SD 1.x/2.x/SDXL pipeline, or a tiny random one built here (offline demo)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_pipeline(kind):
+    """A small random SD or SDXL pipeline with a byte-level CLIP tokenizer: its images are noise,
+    it exists so the whole method runs offline in seconds."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())  # every byte is a token: no merges, no vocab file needed
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=len(vocab), projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sdxl = kind == "sdxl"
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64 if sdxl else 32,
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                use_linear_projection=True) if sdxl else {}))
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=64,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    parts = dict(vae=vae, unet=unet, scheduler=scheduler, text_encoder=CLIPTextModel(text), tokenizer=tokenizer)
+    if sdxl:
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=tokenizer)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def check_model(model, rank):
+    """Fail fast, before any weights load: a preset, a local pipeline folder, or a cached/fetchable
+    hub id, whose attention layers allow the rank (checked on a weightless 'meta' copy of the UNet)."""
+    if model in PRESETS:
+        return  # the tiny model loads in a second; its rank is checked right after
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UsageError(f"--model {model}: this folder holds no diffusers pipeline (no model_index.json); "
+                         f"pass a folder written by save_pretrained, a hub id, or tiny / tiny-sdxl")
+    if not path.exists():
+        check_hub_id(model)
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(model, subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except Exception as e:
+        where = "in unet/" if path.exists() else "from the hub (check the id and the network)"
+        raise UsageError(f"--model {model}: could not read a UNet2DConditionModel config {where} "
+                         f"({type(e).__name__}); b4m needs an SD 1.x/2.x or SDXL pipeline")
+    check_rank(rank, unet)
+
+
+def check_rank(rank, unet):
+    if rank > rank_limit(unet):
+        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {rank_limit(unet)}")
+
+
+def check_hub_id(model):
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except Exception:
+        raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
+                         f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if not isinstance(try_to_load_from_cache(model, "model_index.json"), str) and HF_HUB_OFFLINE:
+        raise UsageError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         f"run `huggingface-cli download {model}` with network access, or pass a local folder")
+
+
+def load_pipeline(model, device, dtype):
+    if model in PRESETS:
+        pipe = tiny_pipeline(PRESETS[model])
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        except Exception as e:
+            raise UsageError(f"--model {model}: could not load a diffusers pipeline ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); check the id/folder and network access")
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
+            raise UsageError(f"--model {model}: a {type(pipe).__name__}; b4m needs an SD 1.x/2.x or SDXL "
+                             f"text-to-image pipeline with a UNet")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for part in pipe.components.values():
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. CLI
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings that change what a stage learns; --resume refuses a run whose stored values differ.
+TRAINED_BY = ["model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum", "content", "style",
+              "content_prompt", "style_prompt", "aux_style", "aux_content", "no_orth_prior", "no_mcp", "dtype"]
+STAGE_KEYS = {"content": ["steps", "lr", "aux_lr"], "style": ["steps", "lr", "aux_lr"],
+              "b4m": ["steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition"]}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative(text):
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return int(text)
+
+
+def resolution_type(text):
+    value = int(text)
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage block first)
+        raise UsageError(message)
+
+
+def common_flags(p):
+    p.add_argument("--prompt", help="combined prompt for the made adapter (default: 'a snq object in w@z style')")
+    p.add_argument("--num-samples", type=positive(int), help="images per prompt (default 4; tiny: 2)")
+    p.add_argument("--sample-steps", type=positive(int), help="sampling steps (default 25; tiny: 4)")
+    p.add_argument("--content-scale", type=float, default=1.0, help="s_c: V = [C, s_c D] at sampling")
+    p.add_argument("--style-scale", type=float, default=1.0, help="s_s: U = [A; s_s B] at sampling")
+    p.add_argument("--scale-grid", action="store_true", help=f"also render samples/scale_grid.png over {SCALES}")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="frozen model precision (auto: fp16 on cuda, else fp32); adapters stay fp32")
+
+
+def parse_args(argv):
+    if argv[:1] == ["sample"]:
+        p = Parser(prog="b4m.py sample", description="Sample again from a finished run, without training.")
+        p.add_argument("--run", required=True, help="a finished run's --out folder")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--export", help="also write the (scaled) made adapter to DIR/" + WEIGHTS)
+        p.add_argument("--report", action="store_true", help="recompute report.json (drift and effect)")
+        common_flags(p)
+        args = p.parse_args(argv[1:])
+        args.command = "sample"
+        return args
+    p = Parser(prog="b4m.py", description="Train B4M: content stage, style stage, make; then sample.",
+               epilog="Images: png, jpg/jpeg, webp, bmp, gif, any case. Unreadable images are skipped with a warning "
+                      "naming each; a folder with no readable image is refused. `python b4m.py sample -h`: sampling.")
+    p.add_argument("--content", required=True, help="folder of content images (prompt.txt optional)")
+    p.add_argument("--style", required=True, help="folder of style images (prompt.txt optional)")
+    p.add_argument("--content-prompt", help="default: the folder's prompt.txt, else 'a photo of snq object'")
+    p.add_argument("--style-prompt", help="default: the folder's prompt.txt, else 'an image in w@z style'")
+    p.add_argument("--aux-style", nargs="+", default=[], metavar="DIR", help="auxiliary style sets (MCP), each with prompt.txt")
+    p.add_argument("--aux-content", nargs="+", default=[], metavar="DIR", help="auxiliary content sets, each with prompt.txt")
+    p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
+                   help="hub id or local folder of an SD 1.x/2.x/SDXL pipeline, or tiny / tiny-sdxl (offline, random)")
+    p.add_argument("--out", default="runs/b4m")
+    p.add_argument("--rank", type=positive(int), help="LoRA rank r (default 64; tiny: 4)")
+    p.add_argument("--resolution", type=resolution_type, help="training/sampling size (default 512; tiny: 64)")
+    p.add_argument("--steps", type=non_negative, help="optimizer steps per break stage (default 1000; tiny: 20)")
+    p.add_argument("--make-steps", type=non_negative, help="make fine-tuning steps; 0 = exact reassembly (default 1000; tiny: 10)")
+    p.add_argument("--batch-size", type=positive(int), default=1)
+    p.add_argument("--grad-accum", type=positive(int), default=4)
+    p.add_argument("--lr", type=positive(float), default=1e-4, help="the stage's own half")
+    p.add_argument("--aux-lr", type=positive(float), default=1e-5, help="the other half, on the auxiliary sets")
+    p.add_argument("--make-lr", type=positive(float), default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL on small GPUs)")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out: finished stages with matching settings are kept")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-orth-prior", action="store_true", help="ablation: A, C drawn independently")
+    p.add_argument("--no-mcp", action="store_true", help="ablation: no auxiliary loss in the break stages")
+    p.add_argument("--no-precondition", action="store_true", help="ablation: plain AdamW in make")
+    p.add_argument("--baseline", choices=["b4m", "lora-merge"], default="b4m",
+                   help="lora-merge: two ordinary LoRAs trained apart and summed (the paper's naive baseline)")
+    common_flags(p)
+    args = p.parse_args(argv)
+    args.command = "train"
+    for key, value in (TINY if args.model in PRESETS else OFFICIAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.prompt = args.prompt or "a snq object in w@z style"
+    return args
+
+
+def pick_device(args):
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: not available on this machine; use --device cpu or auto")
+    dtype = args.dtype if args.dtype != "auto" else "fp16" if device == "cuda" else "fp32"
+    if dtype == "fp16" and device == "cpu":
+        raise UsageError("--dtype fp16: not supported on the CPU; use fp32 or bf16")
+    return device, dtype
+
+
+def versions():
+    import diffusers
+    import transformers
+
+    return {"b4m": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def prepare_out(args):
+    """Refuse to touch an existing run unless --resume or --overwrite; with --resume, the stored
+    settings must match. Returns the stages already finished (to skip)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; pass a folder path")
+    config = out / "config.json"
+    has_run = config.exists() or any((out / s / WEIGHTS).exists() for s in STAGE_KEYS)
+    if not has_run or args.overwrite:
+        return set()
+    if not args.resume:
+        raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it, --overwrite to "
+                         f"replace it, or another --out")
+    try:
+        old = json.loads(config.read_text())["settings"]
+    except Exception:
+        raise UsageError(f"--resume: {config} is missing or unreadable; use --overwrite or another --out")
+    now = vars(args)
+    differ = [k for k in TRAINED_BY if old.get(k) != now.get(k)]
+    if differ:
+        raise UsageError(f"--resume: settings differ from the run in {out}: "
+                         + ", ".join(f"{k} (was {old.get(k)!r}, now {now.get(k)!r})" for k in differ))
+    done = set()
+    for stage, keys in STAGE_KEYS.items():
+        if (out / stage / WEIGHTS).exists() and all(old.get(k) == now.get(k) for k in keys):
+            done.add(stage)
+        else:
+            break  # a later stage depends on every earlier one
+    return done
+
+
+def train_main(args):
+    started = time.time()
+    # Validate everything that can be checked without a model, so a typo costs seconds.
+    device, dtype = pick_device(args)
+    check_model(args.model, args.rank)
+    if (args.content_scale, args.style_scale) != (1, 1) and args.baseline != "b4m":
+        raise UsageError("--content-scale/--style-scale: only for b4m runs, not --baseline lora-merge")
+    content_px, args.content_prompt = load_image_set(args.content, "--content", args.resolution, args.content_prompt,
+                                                     "a photo of snq object")
+    style_px, args.style_prompt = load_image_set(args.style, "--style", args.resolution, args.style_prompt,
+                                                 "an image in w@z style")
+    aux = {flag: [load_image_set(d, flag, args.resolution) for d in getattr(args, flag[2:].replace("-", "_"))]
+           for flag in ("--aux-style", "--aux-content")}
+    done = prepare_out(args)
+    args.validated_s = round(time.time() - started, 3)
+
+    pipe = load_pipeline(args.model, device, DTYPES[dtype])
+    unet = pipe.unet
+    check_rank(args.rank, unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
+    encode = lambda px, prompt: encode_set(pipe, px, prompt, args.resolution)  # noqa: E731
+    content, style = encode(content_px, args.content_prompt), encode(style_px, args.style_prompt)
+    aux_style = [encode(*s) for s in aux["--aux-style"]] or [style]  # official single-set mode
+    aux_content = [encode(*s) for s in aux["--aux-content"]] or [content]
+
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("validated_s", "resume", "overwrite")}
+    save_json(out / "config.json", {"settings": settings, "versions": versions()})
+    log, times, adapters = [], {}, {}
+    if (out / "losses.csv").exists() and done:
+        with open(out / "losses.csv", newline="") as f:
+            log = [row for row in list(csv.reader(f))[1:] if row[0] in done]
+    for stage in ("content", "style", "b4m"):
+        path = out / stage / WEIGHTS
+        if stage in done:
+            adapters[stage] = load_lora(path, unet, adapter_metadata(args, stage))[0]
+            print(f"{stage}: kept {path} (--resume)", file=sys.stderr)
+            continue
+        t0 = time.time()
+        if args.baseline == "lora-merge":
+            adapters[stage] = (merge_loras(adapters["content"], adapters["style"]) if stage == "b4m" else
+                               lora_merge_stage(stage, pipe, noise_scheduler, content if stage == "content" else style,
+                                                args, log))
+        elif stage == "content":
+            adapters[stage] = break_stage("content", pipe, noise_scheduler, content, aux_style, args, log)
+        elif stage == "style":
+            adapters[stage] = break_stage("style", pipe, noise_scheduler, style, aux_content, args, log)
+        else:
+            adapters[stage] = make_stage(pipe, noise_scheduler, content, style, adapters["content"],
+                                         adapters["style"], args, log)
+        remove_plp(unet)
+        times[stage] = round(time.time() - t0, 3)
+        save_lora(path, adapters[stage], adapter_metadata(args, stage))
+        (out / stage / "partial.safetensors").unlink(missing_ok=True)
+        save_csv(out / "losses.csv", log)
+    finish(pipe, adapters, args, times)
+
+
+def finish(pipe, adapters, args, times=None):
+    """Samples and report.json, shared by training and `sample`."""
+    if (args.content_scale, args.style_scale) != (1, 1):
+        adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
+    sample_run(pipe, adapters, args)
+    own = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
+    report = drift_report(pipe, adapters, own, args.resolution, args.seed)
+    if times is not None:
+        report["seconds"] = times
+    save_json(Path(args.out) / "report.json", report)
+    print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
+    for stage in adapters:
+        print(f"{stage:8} {report['drift'][stage]:12.4g} {report['effect'][stage]:12.4g}", file=sys.stderr)
+    print(f"wrote {args.out}: content/ style/ b4m/ ({WEIGHTS}), samples/, losses.csv, config.json, report.json",
+          file=sys.stderr)
+
+
+def scale_made(sd, content_scale, style_scale):
+    """U = [A; s_s B], V = [C, s_c D] on any PLP adapter (made or not)."""
+    return reassemble(sd, sd, content_scale, style_scale)
+
+
+def sample_main(args):
+    run = Path(args.run)
+    try:
+        config = json.loads((run / "config.json").read_text())["settings"]
+    except Exception:
+        raise UsageError(f"--run {run}: no readable config.json; pass the --out folder of a finished b4m run")
+    for k, v in config.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = str(run)
+    if (args.content_scale, args.style_scale) != (1, 1) and args.baseline != "b4m":
+        raise UsageError("--content-scale/--style-scale: only for b4m runs, not --baseline lora-merge")
+    device, dtype = pick_device(args)
+    missing = [s for s in STAGE_KEYS if not (run / s / WEIGHTS).is_file()]
+    if missing:
+        raise UsageError(f"--run {run}: no {missing[0]}/{WEIGHTS}; finish the run first (--resume)")
+    check_model(args.model, args.rank)
+    pipe = load_pipeline(args.model, device, DTYPES[dtype])
+    adapters = {s: load_lora(run / s / WEIGHTS, pipe.unet, adapter_metadata(argparse.Namespace(**config), s))[0]
+                for s in STAGE_KEYS}
+    if args.export:
+        made = scale_made(adapters["b4m"], args.content_scale, args.style_scale) if args.baseline == "b4m" else adapters["b4m"]
+        meta = {**adapter_metadata(args, "b4m"), "content_scale": args.content_scale, "style_scale": args.style_scale}
+        save_lora(Path(args.export) / WEIGHTS, made, meta)
+    finish(pipe, adapters, args)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        (sample_main if args.command == "sample" else train_main)(args)
+    except UsageError as e:
+        print(f"b4m: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
