@@ -242,11 +242,11 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
         prompt = (folder / "prompt.txt").read_text(encoding="utf-8").strip()
         if not prompt:
             raise UsageError(f"{flag} {folder}: prompt.txt is empty; write the set's prompt in it")
+    elif prompt is not None and not prompt.strip():
+        raise UsageError(f"{flag}-prompt: the prompt is empty; give a non-empty prompt")
     prompt = default_prompt if prompt is None else prompt.strip()
     if prompt is None:
         raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one holding its prompt")
-    if not prompt:
-        raise UsageError(f"{flag}: the prompt is empty; give a non-empty prompt")
     images = []
     for path in files:
         try:
@@ -882,7 +882,6 @@ def prepare_out(args):
 
 
 def train_main(args):
-    started = time.time()
     # Validate everything that can be checked without a model, so a typo costs seconds.
     device, dtype = pick_device(args)
     check_model(args.model, args.rank)
@@ -895,7 +894,6 @@ def train_main(args):
     aux = {flag: [load_image_set(d, flag, args.resolution) for d in getattr(args, flag[2:].replace("-", "_"))]
            for flag in ("--aux-style", "--aux-content")}
     done = prepare_out(args)
-    args.validated_s = round(time.time() - started, 3)
 
     pipe = load_pipeline(args.model, device, DTYPES[dtype])
     unet = pipe.unet
@@ -911,7 +909,7 @@ def train_main(args):
     aux_content = [encode(*s) for s in aux["--aux-content"]] or [content]
 
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("validated_s", "resume", "overwrite")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     save_json(out / "config.json", {"settings": settings, "versions": versions()})
     log, times, adapters = [], {}, {}
     if (out / "losses.csv").exists() and done:

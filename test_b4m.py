@@ -359,3 +359,269 @@ def test_cli_as_a_subprocess(tmp_path):
                         "--model", "tiny", "--out", str(out), *FAST], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "b4m" / b4m.WEIGHTS).is_file() and "wrote" in r.stderr
+
+
+# Bad input: one line naming the flag/file, exit code 2, before any model loads ------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+    monkeypatch.setattr(b4m, "load_pipeline", refuse)
+
+
+def bad_inputs(tmp):
+    """(extra argv, content folder or None for examples, expected words in the message)"""
+    (tmp / "empty").mkdir()
+    (tmp / "afile").write_text("x")
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "zero.png").write_bytes(b"")
+    (corrupt / "text.jpg").write_text("not an image")
+    (corrupt / "half.png").write_bytes((EXAMPLES / "content" / "bear_0.png").read_bytes()[:200])
+    noprompt = tmp / "noprompt"
+    shutil.copytree(EXAMPLES / "style", noprompt)
+    (noprompt / "prompt.txt").unlink()
+    emptyprompt = tmp / "emptyprompt"
+    shutil.copytree(EXAMPLES / "content", emptyprompt)
+    (emptyprompt / "prompt.txt").write_text("  \n")
+    (tmp / "notapipeline").mkdir()
+    return [
+        ([], tmp / "missing", ["--content", "no such folder"]),
+        ([], tmp / "afile", ["--content", "not a folder"]),
+        ([], tmp / "empty", ["--content", "no readable image"]),
+        ([], corrupt, ["--content", "no readable image"]),
+        ([], emptyprompt, ["--content", "prompt.txt is empty"]),
+        (["--content-prompt", " "], None, ["--content-prompt", "empty"]),
+        (["--aux-style", noprompt], None, ["--aux-style", "noprompt", "prompt.txt"]),
+        (["--aux-content", tmp / "missing"], None, ["--aux-content", "no such folder"]),
+        (["--rank", "0"], None, ["--rank", "must be > 0"]),
+        (["--steps", "-1"], None, ["--steps", "must be >= 0"]),
+        (["--make-steps", "-5"], None, ["--make-steps", "must be >= 0"]),
+        (["--resolution", "60"], None, ["--resolution", "multiple of 8"]),
+        (["--resolution", "0"], None, ["--resolution", "multiple of 8"]),
+        (["--lr", "0"], None, ["--lr", "must be > 0"]),
+        (["--aux-lr=-1e-5"], None, ["--aux-lr", "must be > 0"]),
+        (["--make-lr", "nan"], None, ["--make-lr", "must be > 0"]),
+        (["--batch-size", "0"], None, ["--batch-size", "must be > 0"]),
+        (["--grad-accum", "0"], None, ["--grad-accum", "must be > 0"]),
+        (["--device", "tpu"], None, ["--device", "invalid choice"]),
+        (["--dtype", "fp8"], None, ["--dtype", "invalid choice"]),
+        (["--device", "cuda"], None, ["--device cuda", "not available"]),
+        (["--dtype", "fp16"], None, ["--dtype fp16", "CPU"]),
+        (["--model", tmp / "missing" / "model"], None, ["--model", "not a hub id"]),
+        (["--model", tmp / "notapipeline"], None, ["--model", "model_index.json"]),
+        (["--model", "nobody/no-such-model"], None, ["--model nobody/no-such-model", "not in the local", "cache"]),
+        (["--out", tmp / "afile"], None, ["--out", "is a file"]),
+        (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "lora-merge"]),
+        (["--bogus"], None, ["unrecognized arguments: --bogus"]),
+    ]
+
+
+def test_bad_inputs_one_line_exit_2_before_any_model_loads(tmp_path, capsys, no_model_load, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cases = bad_inputs(tmp_path)
+    for extra, content, words in cases:
+        argv = ["--content", content or EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                "--out", tmp_path / "out", *extra]
+        code, err = run_b4m(argv, capsys)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("b4m: error: "), (extra, err)
+        assert all(w in last for w in map(str, words)), (words, last)
+        assert not (tmp_path / "out").exists()
+    assert len(cases) == 28
+
+
+def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
+    folder = tmp_path / "content"
+    shutil.copytree(EXAMPLES / "content", folder)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.JPG").write_text("not an image")
+    (folder / "half.png").write_bytes((EXAMPLES / "content" / "bear_0.png").read_bytes()[:200])
+    pixels, prompt = b4m.load_image_set(folder, "--content", 64)
+    assert pixels.shape == (4, 3, 64, 64) and prompt == "a photo of snq teddybear"
+    err = capsys.readouterr().err
+    for name in ("zero.png", "text.JPG", "half.png"):
+        assert f"warning: skipping {folder / name}" in err
+
+
+def test_rank_too_large_for_the_model_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    b4m.tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model",
+                         tmp_path / "model", "--rank", "49", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "--rank 49: this model's smallest attention projection allows at most 48" in err
+
+
+def test_bad_input_as_a_subprocess_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "b4m.py", "--content", str(tmp_path / "nope"), "--style", "examples/style",
+                        "--model", "tiny"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"b4m: error: --content {tmp_path / 'nope'}: no such folder; pass a folder of images"
+
+
+def unusual_images(folder):
+    """Every odd-but-valid image a hand-collected folder holds."""
+    from PIL import Image
+
+    folder.mkdir()
+    rgb = Image.open(EXAMPLES / "content" / "bear_0.png").convert("RGB")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("LA").save(folder / "la.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("L").save(folder / "gray.bmp")
+    Image.new("I;16", (40, 30), 30000).save(folder / "gray16.png")
+    rgb.save(folder / "upper.PNG")
+    rgb.save(folder / "photo.webp")
+    rgb.resize((1000, 100)).save(folder / "very wide.png")
+    rgb.resize((4000, 3000)).save(folder / "large.jpg", quality=80)
+    rgb.save(folder / "ünïcødé 名前.jpeg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    half = Image.new("RGB", (80, 40), "red")
+    half.paste(Image.new("RGB", (40, 40), "blue"), (40, 0))
+    half.save(folder / "rotated.jpg", exif=exif.tobytes())
+    (folder / "prompt.txt").write_text("a photo of snq teddybear\n")
+
+
+def test_unusual_images_load_correctly(tmp_path):
+    unusual_images(tmp_path / "odd")
+    for path in sorted((tmp_path / "odd").iterdir()):
+        if path.suffix.lower() != ".txt":
+            img = b4m.open_image(path, 32)
+            assert img.mode == "RGB" and img.size == (32, 32), path
+    assert b4m.open_image(tmp_path / "odd" / "gray16.png", 8).getpixel((4, 4)) == (117, 117, 117)  # 30000 / 256
+    from PIL import Image
+
+    transparent = tmp_path / "clear.png"
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(transparent)
+    assert b4m.open_image(transparent, 8).getpixel((4, 4)) == (255, 255, 255)
+    rotated = b4m.open_image(tmp_path / "odd" / "rotated.jpg", 40)  # upright: red on top, blue below
+    top, bottom = rotated.getpixel((20, 5)), rotated.getpixel((20, 35))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+def test_unusual_images_train_end_to_end(tmp_path, capsys):
+    unusual_images(tmp_path / "odd")
+    code, err = run_b4m(["--content", tmp_path / "odd", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", tmp_path / "run", *FAST, "--steps", "1", "--make-steps", "0"], capsys)
+    assert code == 0 and "warning" not in err, err
+    assert (tmp_path / "run" / "b4m" / b4m.WEIGHTS).is_file()
+
+
+# Never lose work -----------------------------------------------------------------------------------
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_run_is_refused_and_leaves_the_first_intact(sd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(sd_run, out)
+    before = snapshot(out)
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST], capsys)
+    assert code == 2 and "already holds a run; pass --resume to continue it, --overwrite to replace it" in err
+    assert snapshot(out) == before
+
+
+def test_resume_keeps_finished_stages_and_refuses_other_settings(sd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(sd_run, out)
+    kept = {s: (out / s / b4m.WEIGHTS).read_bytes() for s in ("content", "style")}
+    made = (out / "b4m" / b4m.WEIGHTS).read_bytes()
+    (out / "b4m" / b4m.WEIGHTS).unlink()
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny", "--out", out,
+            *FAST, "--steps", "3", "--num-samples", "2", "--resume"]
+    code, err = run_b4m([*argv, "--rank", "2"], capsys)
+    assert code == 2 and "--resume: settings differ from the run" in err and "rank (was 4, now 2)" in err
+    code, err = run_b4m(argv, capsys)
+    assert code == 0, err
+    assert "content: kept" in err and "style: kept" in err and "b4m:" in err
+    assert {s: (out / s / b4m.WEIGHTS).read_bytes() for s in ("content", "style")} == kept
+    assert (out / "b4m" / b4m.WEIGHTS).read_bytes() == made  # the same make, redone
+    assert (out / "losses.csv").read_text() == (sd_run / "losses.csv").read_text()
+
+
+def test_overwrite_replaces_a_run(sd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(sd_run, out)
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--seed", "1", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "b4m" / b4m.WEIGHTS).read_bytes() != (sd_run / "b4m" / b4m.WEIGHTS).read_bytes()
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "b4m" / b4m.WEIGHTS
+    good = {"unet.x.lora_A.weight": torch.ones(2, 3)}
+    b4m.save_lora(path, good, {"stage": "b4m"})
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        b4m.save_lora(path, {"unet.x.lora_A.weight": torch.zeros(2, 3)}, {"stage": "b4m"})
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [b4m.WEIGHTS]
+
+
+def test_ctrl_c_saves_a_partial_adapter_and_exits_130(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "b4m.py", "--content", "examples/content", "--style", "examples/style",
+                          "--model", "tiny", "--out", str(out), "--steps", "10000"], cwd=ROOT,
+                         stderr=subprocess.PIPE, text=True, bufsize=1)
+    seen = ""
+    while "content:" not in seen or "loss=" not in seen:  # training has started
+        seen += p.stderr.read(1)
+        assert p.poll() is None, seen
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130, rest
+    assert "Traceback" not in rest and "--resume" in rest
+    assert f"partial adapter saved to {out / 'content' / 'partial.safetensors'}" in rest
+    sd, meta = b4m.load_lora(out / "content" / "partial.safetensors", tiny_unet(), {"stage": "content"})
+    assert len(sd) == 64 and meta["partial_step"] >= 0
+    assert not (out / "content" / b4m.WEIGHTS).exists()
+
+
+def test_non_finite_loss_stops_and_keeps_saved_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--make-steps", "5", "--make-lr", "1e30"], capsys)
+    assert code == 2
+    assert "b4m stage, step 2: the loss is not finite" in err.strip().splitlines()[-1]
+    assert (out / "content" / b4m.WEIGHTS).is_file() and (out / "style" / b4m.WEIGHTS).is_file()
+    assert not (out / "b4m" / b4m.WEIGHTS).exists()
+
+
+def test_adapters_for_another_model_rank_or_method_are_refused(sd_run, tmp_path, capsys):
+    for name, sd, meta, words in [
+        ("rank", b4m.lora_state_dict(b4m.add_plp(tiny_unet(), 2, 0)), {"rank": 2}, ["made with rank=2", "rank=4"]),
+        ("method", load(sd_run / "b4m" / b4m.WEIGHTS), {"method": "lora-merge"}, ["made with method=lora-merge"]),
+        ("model", {"unet.up_blocks.9.to_q.lora_A.weight": torch.zeros(4, 64)}, {}, ["up_blocks.9.to_q", "not in this model"]),
+        ("shape", {k: torch.zeros(4, 7) if "lora_A" in k else v for k, v in load(sd_run / "b4m" / b4m.WEIGHTS).items()},
+         {}, ["has shape (4, 7)", "another model"]),
+    ]:
+        out = tmp_path / name
+        shutil.copytree(sd_run, out)
+        stored = b4m.adapter_metadata(argparse.Namespace(**json.loads((out / "config.json").read_text())["settings"]), "b4m")
+        b4m.save_lora(out / "b4m" / b4m.WEIGHTS, sd, {**stored, **meta})
+        code, err = run_b4m(["sample", "--run", out], capsys)
+        assert code == 2 and all(w in err.splitlines()[-1] for w in words), (name, err)
+
+
+def test_same_seed_same_machine_gives_bit_identical_files(sd_run, tmp_path, capsys):
+    out = tmp_path / "again"
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--steps", "3", "--num-samples", "2"], capsys)
+    assert code == 0, err
+    for stage in ("content", "style", "b4m"):
+        assert (out / stage / b4m.WEIGHTS).read_bytes() == (sd_run / stage / b4m.WEIGHTS).read_bytes()
