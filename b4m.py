@@ -939,23 +939,25 @@ def train_main(args):
         (out / stage / "partial.safetensors").unlink(missing_ok=True)
         save_csv(out / "losses.csv", log)
     finish(pipe, adapters, args, times)
+    print(f"wrote {out}: content/, style/, b4m/ (each {WEIGHTS}), config.json, losses.csv, report.json",
+          file=sys.stderr)
 
 
-def finish(pipe, adapters, args, times=None):
+def finish(pipe, adapters, args, times=None, report=True):
     """Samples and report.json, shared by training and `sample`."""
     if (args.content_scale, args.style_scale) != (1, 1):
         adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
     sample_run(pipe, adapters, args)
-    own = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
-    report = drift_report(pipe, adapters, own, args.resolution, args.seed)
-    if times is not None:
-        report["seconds"] = times
-    save_json(Path(args.out) / "report.json", report)
-    print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
-    for stage in adapters:
-        print(f"{stage:8} {report['drift'][stage]:12.4g} {report['effect'][stage]:12.4g}", file=sys.stderr)
-    print(f"wrote {args.out}: content/ style/ b4m/ ({WEIGHTS}), samples/, losses.csv, config.json, report.json",
-          file=sys.stderr)
+    print(f"wrote {Path(args.out) / 'samples'}", file=sys.stderr)
+    if report:
+        own = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
+        result = drift_report(pipe, adapters, own, args.resolution, args.seed)
+        if times is not None:
+            result["seconds"] = times
+        save_json(Path(args.out) / "report.json", result)
+        print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
+        for stage in adapters:
+            print(f"{stage:8} {result['drift'][stage]:12.4g} {result['effect'][stage]:12.4g}", file=sys.stderr)
 
 
 def scale_made(sd, content_scale, style_scale):
@@ -987,7 +989,7 @@ def sample_main(args):
         made = scale_made(adapters["b4m"], args.content_scale, args.style_scale) if args.baseline == "b4m" else adapters["b4m"]
         meta = {**adapter_metadata(args, "b4m"), "content_scale": args.content_scale, "style_scale": args.style_scale}
         save_lora(Path(args.export) / WEIGHTS, made, meta)
-    finish(pipe, adapters, args)
+    finish(pipe, adapters, args, report=args.report)
 
 
 def main(argv=None):

@@ -625,3 +625,200 @@ def test_same_seed_same_machine_gives_bit_identical_files(sd_run, tmp_path, caps
     assert code == 0, err
     for stage in ("content", "style", "b4m"):
         assert (out / stage / b4m.WEIGHTS).read_bytes() == (sd_run / stage / b4m.WEIGHTS).read_bytes()
+
+
+# Beyond the paper: strengths, instant make, drift report, ablations -----------------------------
+
+def test_strengths_scale_the_learned_halves_only(sd_run):
+    made = load(sd_run / "b4m" / b4m.WEIGHTS)
+    zero = b4m.scale_made(made, 0.0, 0.0)
+    for k in (k for k in made if k.endswith("lora_B.weight")):
+        A, B, C, D = split(made, k)
+        A0, B0, C0, D0 = split(zero, k)
+        assert torch.equal(A0, A) and torch.equal(C0, C) and not B0.any() and not D0.any()
+        dW = zero[k] @ zero[k.replace("lora_B", "lora_A")]  # dW = [[A C, 0], [0, 0]]
+        m_f, n_f = A.shape[0], C.shape[1]
+        assert torch.equal(dW[:m_f, :n_f], A @ C) and not dW[m_f:].any() and not dW[:, n_f:].any()
+        A2, B2, C2, D2 = split(b4m.scale_made(made, 0.5, 1.5), k)
+        assert torch.equal(B2, 1.5 * B) and torch.equal(D2, 0.5 * D)
+
+
+def test_sample_exports_the_scaled_adapter_and_renders_the_scale_grid(sd_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sd_run, run)
+    report = (run / "report.json").read_bytes()
+    code, err = run_b4m(["sample", "--run", run, "--content-scale", "0.5", "--style-scale", "1.5", "--export",
+                         tmp_path / "export", "--scale-grid", "--num-samples", "1"], capsys)
+    assert code == 0, err
+    exported, meta = b4m.load_lora(tmp_path / "export" / b4m.WEIGHTS, tiny_unet(), {"stage": "b4m"})
+    expected = b4m.scale_made(load(run / "b4m" / b4m.WEIGHTS), 0.5, 1.5)
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert meta["content_scale"] == 0.5 and meta["style_scale"] == 1.5
+    from PIL import Image
+
+    assert Image.open(run / "samples" / "scale_grid.png").size == (4 * 64, 4 * 64)
+    assert (run / "report.json").read_bytes() == report  # only `sample --report` recomputes it
+    code, err = run_b4m(["sample", "--run", run, "--report", "--num-samples", "1"], capsys)
+    assert code == 0 and "drift" in err
+    assert json.loads((run / "report.json").read_text())["drift"] == json.loads(report)["drift"]
+
+
+def test_instant_make_is_exact_reassembly(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--make-steps", "0"], capsys)
+    assert code == 0, err
+    content, style, made = (load(out / s / b4m.WEIGHTS) for s in ("content", "style", "b4m"))
+    expected = b4m.reassemble(content, style)
+    assert made.keys() == expected.keys() and all(torch.equal(made[k], expected[k]) for k in made)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"drift", "effect", "seconds"} and set(report["seconds"]) == {"content", "style", "b4m"}
+    assert all(set(report[k]) == {"content", "style", "b4m"} for k in ("drift", "effect"))
+
+
+def test_drift_of_the_base_model_against_itself_is_zero(sd_run):
+    pipe = b4m.load_pipeline("tiny", "cpu", torch.float32)
+    made = load(sd_run / "b4m" / b4m.WEIGHTS)
+    nothing = {k: torch.zeros_like(v) for k, v in made.items()}
+    report = b4m.drift_report(pipe, {"base": nothing, "b4m": made}, {"base": "x", "b4m": "a snq object"}, 64, 0)
+    assert report["drift"]["base"] == 0.0 and report["effect"]["base"] == 0.0
+    assert report["drift"]["b4m"] > 0 and report["effect"]["b4m"] > 0
+    again = b4m.drift_report(pipe, {"b4m": made}, {"b4m": "a snq object"}, 64, 0)
+    assert again["drift"]["b4m"] == report["drift"]["b4m"]  # same latents, noise and timesteps
+
+
+def ablation(tmp_path, capsys, *flags):
+    out = tmp_path / "-".join(f.strip("-") for f in flags)
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, *flags], capsys)
+    assert code == 0, err
+    return [load(out / s / b4m.WEIGHTS) for s in ("content", "style", "b4m")]
+
+
+def test_no_orth_prior_breaks_the_identity(tmp_path, capsys):
+    made = ablation(tmp_path, capsys, "--no-orth-prior")[2]
+    for k in (k for k in made if k.endswith("lora_B.weight")):
+        A, _, C, _ = (t.double() for t in split(made, k))
+        assert not torch.allclose(A.T @ A + C @ C.T, torch.eye(4, dtype=torch.float64), atol=1e-2)
+
+
+def test_orth_prior_holds_in_the_saved_files(sd_run):
+    made = load(sd_run / "b4m" / b4m.WEIGHTS)
+    for k in (k for k in made if k.endswith("lora_B.weight")):
+        A, _, C, _ = (t.double() for t in split(made, k))
+        assert torch.allclose(A.T @ A + C @ C.T, torch.eye(4, dtype=torch.float64), atol=1e-6)
+
+
+def test_no_mcp_leaves_the_other_half_at_its_initial_value(tmp_path, capsys):
+    content, style, _ = ablation(tmp_path, capsys, "--no-mcp")
+    init = b4m.lora_state_dict(b4m.add_plp(tiny_unet(), 4, 0))
+    for k in (k for k in content if k.endswith("lora_B.weight")):
+        assert not split(content, k)[1].any()  # content stage: B stays 0
+        assert torch.equal(split(style, k)[3], split(init, k)[3])  # style stage: D stays at its draw
+        assert not torch.equal(split(content, k)[3], split(init, k)[3])
+
+
+def test_no_precondition_changes_only_make(sd_run, tmp_path, capsys):
+    flags = ["--steps", "3", "--num-samples", "2"]
+    content, style, made = ablation(tmp_path, capsys, "--no-precondition", *flags)
+    for s, sd in (("content", content), ("style", style)):
+        assert all(torch.equal(sd[k], v) for k, v in load(sd_run / s / b4m.WEIGHTS).items())
+    ours = load(sd_run / "b4m" / b4m.WEIGHTS)
+    assert any(not torch.equal(made[k], ours[k]) for k in made)
+
+
+def test_lora_merge_baseline_is_the_sum_of_two_loras(tmp_path, capsys):
+    content, style, made = ablation(tmp_path, capsys, "--baseline", "lora-merge")
+    pipe = b4m.tiny_pipeline("sd")
+    args, kwargs = unet_inputs(pipe)
+    with torch.no_grad():
+        for k in (k for k in made if k.endswith("lora_B.weight")):
+            down = k.replace("lora_B", "lora_A")
+            assert made[k].shape[1] == 8 and content[k].shape[1] == 4
+            assert torch.allclose(made[k] @ made[down], content[k] @ content[down] + style[k] @ style[down], atol=1e-6)
+        base = pipe.unet(*args, **kwargs).sample
+        pipe.load_lora_weights(str(tmp_path / "baseline-lora-merge" / "b4m"))  # loads as a rank-8 LoRA
+        assert not torch.allclose(pipe.unet(*args, **kwargs).sample, base, atol=1e-6)
+
+
+# examples/evaluate.py: CLIP metrics of a run, on a tiny random CLIP saved to a folder (offline) ---
+
+def tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = b4m.tiny_pipeline("sd").tokenizer
+    layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(**layers, vocab_size=len(tokenizer), max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(**layers, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def fake_run(folder, samples=2, resolution=64):
+    """A run folder as far as evaluate.py reads it, without training."""
+    from PIL import Image
+
+    settings = dict(content=str(EXAMPLES / "content"), style=str(EXAMPLES / "style"),
+                    prompt="a snq object in w@z style", resolution=resolution)
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"settings": settings, "versions": {}}))
+    g = torch.Generator().manual_seed(1)
+    for i in range(samples):
+        pixels = torch.randint(0, 256, (resolution * resolution * 3,), generator=g, dtype=torch.uint8)
+        Image.frombytes("RGB", (resolution, resolution), bytes(pixels.tolist())).save(folder / "samples" / f"b4m_{i}.png")
+    return folder
+
+
+def test_evaluate_metrics_equal_a_computation_by_hand(tmp_path):
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    clip, run = tiny_clip(tmp_path / "clip"), fake_run(tmp_path / "run")
+    done = subprocess.run([sys.executable, "examples/evaluate.py", str(run), "--clip", str(clip)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert sorted(metrics) == ["clip_i", "clip_t", "style_sim"]
+    assert str(run) in done.stdout and f"{metrics['clip_t']:.4f}" in done.stdout
+    # By hand, through CLIPModel.forward (unit image_embeds/text_embeds), not get_*_features.
+    model = CLIPModel.from_pretrained(clip).eval()
+    processor, tokenizer = CLIPImageProcessorPil.from_pretrained(clip), CLIPTokenizer.from_pretrained(clip)
+    samples = [Image.open(p).convert("RGB") for p in sorted((run / "samples").glob("b4m_*.png"))]
+    refs = {k: [b4m.open_image(p, 64) for p in sorted((EXAMPLES / k).glob("*.png"))] for k in ("content", "style")}
+    with torch.no_grad():
+        def embeds(images, text="x"):
+            return model(**tokenizer([text], return_tensors="pt"), **processor(images=images, return_tensors="pt"))
+
+        out = embeds(samples, "a snq object in w@z style")
+        s = out.image_embeds
+        expect = {"clip_t": (s @ out.text_embeds.T).mean().item(),
+                  "clip_i": (s @ embeds(refs["content"]).image_embeds.T).mean().item(),
+                  "style_sim": (s @ embeds(refs["style"]).image_embeds.T).mean().item()}
+    assert len(samples) == 2 and len(refs["content"]) == len(refs["style"]) == 4
+    for key, value in expect.items():
+        assert abs(metrics[key] - value) < 1e-5, (key, metrics[key], value)
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate", EXAMPLES / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    clip = tiny_clip(tmp_path / "clip")
+    no_samples = fake_run(tmp_path / "no_samples", samples=0)
+    no_config = fake_run(tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    for argv, words in [([no_samples, "--clip", clip], ["no_samples", "b4m_*.png"]),
+                        ([no_config, "--clip", clip], ["no_config", "config.json"]),
+                        ([fake_run(tmp_path / "good"), "--clip", tmp_path / "no_clip"], ["--clip", "no_clip"])]:
+        assert evaluate.main([str(a) for a in argv]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("evaluate.py: error: ") and all(w in last for w in words), last
+    assert not any(tmp_path.glob("*/metrics.json"))
