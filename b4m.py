@@ -7,11 +7,11 @@ model with partly learnable LoRA projections (PLP).
     (arXiv 2403.19456, "Break-for-Make"). Preconditioner: Zhang & Pilanci, "Riemannian
     Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
 
-A LoRA `dW = U V` is split into frozen and trainable halves (section 1), the frozen halves cut
-from one orthonormal basis (section 2). Break: one PLP learns the content in the down projection,
-another the style in the up projection (section 3). Make: the two are reassembled into one LoRA
-and fine-tuned briefly with a Riemannian-preconditioned AdamW (sections 4 and 5). The result is an
-ordinary diffusers LoRA (section 6).
+Sections, in the method's order: 1. a LoRA `dW = U V` split into frozen and trainable halves (PLP);
+2. the frozen halves cut from one orthonormal basis; 3. the Riemannian-preconditioned AdamW;
+4. break: one PLP learns the content in the down projection, another the style in the up
+projection; 5. make: the two reassembled into one LoRA and fine-tuned briefly with 3.; 6. sample:
+the result is an ordinary diffusers LoRA; 7. the command line.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 __version__ = "0.1.0"
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections B4M adapts (paper, sec. 3)
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection of the UNet
 
 # ---------------------------------------------------------------------------------------------
 # 1. Partly learnable projection (PLP)
@@ -92,7 +92,7 @@ def _check_rank(out_features, in_features, rank):
 
 def orthogonal_prior(out_features, in_features, rank, generator=None, dtype=torch.float32):
     """Frozen scaffold (A, C) cut from one orthonormal basis, so the two span well-separated
-    directions and keep U^T U and V V^T well conditioned for the preconditioner (section 5)."""
+    directions and keep U^T U and V V^T well conditioned for the preconditioner (section 3)."""
     _check_rank(out_features, in_features, rank)
     m_f = out_features // 2
     # Drawn in float64 on the CPU: the same (seed, layer) gives bit-identical A, C on any device.
@@ -146,7 +146,7 @@ def remove_plp(denoiser):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Riemannian preconditioned step (spec section 5; used by make)
+# 3. Riemannian preconditioned step (Zhang & Pilanci 2024; used by make, section 5)
 #       G_B <- G_B (V V^T + delta I)^-1,      G_D <- (U^T U + delta I)^-1 G_D,      then AdamW
 # ---------------------------------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ def set_losses(unet, noise_scheduler, sets, batch_size, generator):
 def train(stage, steps, unet, noise_scheduler, objectives, optimizer, args, log, snapshot):
     """The one training loop of every stage. objectives: [(sets, params, reduce), ...]; each
     objective's loss is backpropagated into its own params only (Tensor.backward(inputs=...)),
-    which is the exact gradient routing of section 3. snapshot() returns the current adapter,
+    which is the exact gradient routing of section 4. snapshot() returns the current adapter,
     saved as a partial checkpoint on Ctrl-C."""
     generator = torch.Generator().manual_seed(args.seed)
     bar = tqdm(range(1, steps + 1), desc=stage, dynamic_ncols=True)
@@ -361,7 +361,7 @@ def break_stage(stage, pipe, noise_scheduler, main, aux, args, log):
     own, other = (D, B) if stage == "content" else (B, D)
     optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr}, {"params": other, "lr": args.aux_lr}])
     objectives = [([main], own, torch.mean)]
-    if not args.no_mcp:  # MCP: the other half is made to work with several partners (sec. 3.2)
+    if not args.no_mcp:  # MCP: the other half learns to work with several partners
         objectives.append((aux, other, torch.mean))
     train(stage, args.steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
           lambda: lora_state_dict(layers))

@@ -822,3 +822,60 @@ def test_evaluate_bad_input(tmp_path, capsys):
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("evaluate.py: error: ") and all(w in last for w in words), last
     assert not any(tmp_path.glob("*/metrics.json"))
+
+
+def test_load_in_diffusers_example(sd_run, tmp_path):
+    from PIL import Image
+
+    r = subprocess.run([sys.executable, "examples/load_in_diffusers.py", "--lora", str(sd_run / "b4m"), "--model",
+                        "tiny", "--steps", "2", "--out", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
+
+
+def test_gradient_checkpointing_and_bf16(tmp_path, capsys):
+    plain = ablation(tmp_path, capsys, "--steps", "1", "--make-steps", "1")
+    checkpointed = ablation(tmp_path, capsys, "--steps", "1", "--make-steps", "1", "--gradient-checkpointing")
+    for a, b in zip(plain, checkpointed):  # recomputation, not approximation
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    half = ablation(tmp_path, capsys, "--steps", "1", "--make-steps", "1", "--dtype", "bf16")
+    assert all(v.dtype == torch.float32 for sd in half for v in sd.values())  # adapters stay fp32
+
+
+# Cost: what runs inside the training loop ----------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_training_loop_runs_only_the_unet_two_forwards_per_break_step(tmp_path, capsys, monkeypatch, model):
+    calls, in_loop = [], [False]
+    load_pipeline, train = b4m.load_pipeline, b4m.train
+
+    def counting_pipeline(*a, **k):
+        pipe = load_pipeline(*a, **k)
+        parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+                 "vae_encoder": pipe.vae.encoder}
+        for name, module in parts.items():
+            if module is not None:
+                module.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, in_loop[0], len(a[0]))))
+        return pipe
+
+    def marked_train(*a, **k):
+        in_loop[0] = True
+        try:
+            return train(*a, **k)
+        finally:
+            in_loop[0] = False
+
+    monkeypatch.setattr(b4m, "load_pipeline", counting_pipeline)
+    monkeypatch.setattr(b4m, "train", marked_train)
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", model,
+                         "--out", tmp_path / "run", *FAST, "--steps", "3", "--grad-accum", "2", "--batch-size", "2",
+                         "--aux-style", EXAMPLES / "style", EXAMPLES / "content", "--make-steps", "2"], capsys)
+    assert code == 0, err
+    loop = [c for c in calls if c[1]]
+    assert {name for name, _, _ in loop} == {"unet"}  # no VAE or text encoder work in the loop
+    # content: 3 steps x 2 micro-steps x (1 main forward of 2 + 1 forward of both aux sets, 2 x 2);
+    # style: the same with its single default aux set; make: 2 x 2 forwards of content + style (2 + 2).
+    sizes = [n for _, _, n in loop]
+    assert sizes == [2, 4] * 6 + [2, 2] * 6 + [4] * 4
+    outside = [c for c in calls if not c[1] and c[0] == "vae_encoder"]
+    assert len(outside) == 4  # content, style and 2 aux sets of 4 images: one encode each, before the loop
