@@ -434,7 +434,7 @@ def lora_merge_stage(stage, pipe, noise_scheduler, data, args, log):
                                 target_modules=list(TARGETS)), adapter_name=stage)
     params = [p for n, p in unet.named_parameters() if f".{stage}." in n]
     for p in params:
-        p.data = p.data.float()
+        p.data = p.data.float()  # adapters train in fp32 whatever the model's dtype
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     def snapshot():
@@ -464,9 +464,6 @@ DRIFT_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit 
 def lora_loaded(pipe, sd):
     """Load a LoRA state dict with diffusers' own loader, unfused: unfusing subtracts U V again,
     which is not exact in floating point, and later samples must see the untouched base weights."""
-    if sd is None:
-        yield
-        return
     pipe.unet.load_lora_adapter(dict(sd), prefix="unet", adapter_name="b4m")
     try:
         yield
@@ -474,9 +471,9 @@ def lora_loaded(pipe, sd):
         pipe.unet.unload_lora()
 
 
-def generate(pipe, sd, prompt, args, seed=None):
+def generate(pipe, sd, prompt, args):
     with lora_loaded(pipe, sd):
-        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed if seed is None else seed)
+        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed)
         return pipe(prompt, num_images_per_prompt=args.num_samples, num_inference_steps=args.sample_steps,
                     height=args.resolution, width=args.resolution, generator=generator).images
 
@@ -501,18 +498,15 @@ def sample_run(pipe, adapters, args):
             save_image(out / f"{stage}_{i}.png", im)
         rows.append(images)
     save_image(out / "grid.png", image_grid(rows))
-    if args.scale_grid:
-        save_image(out / "scale_grid.png", scale_grid(pipe, adapters, args))
 
 
 SCALES = (0.0, 0.5, 1.0, 1.5)
 
 
-def scale_grid(pipe, adapters, args):
-    """Rows: style scale s_s; columns: content scale s_c; one image each, same seed."""
+def scale_grid(pipe, made, args):
+    """The made adapter at every pair of strengths. Rows: s_s; columns: s_c; one image each, same seed."""
     one = argparse.Namespace(**{**vars(args), "num_samples": 1})
-    rows = [[generate(pipe, reassemble(adapters["content"], adapters["style"], s_c, s_s), args.prompt, one)[0]
-             for s_c in SCALES] for s_s in SCALES]
+    rows = [[generate(pipe, scale_made(made, s_c, s_s), args.prompt, one)[0] for s_c in SCALES] for s_s in SCALES]
     return image_grid(rows)
 
 
@@ -842,6 +836,11 @@ def pick_device(args):
     return device, dtype
 
 
+def check_scales(args):
+    if ((args.content_scale, args.style_scale) != (1, 1) or args.scale_grid) and args.baseline != "b4m":
+        raise UsageError("--content-scale/--style-scale/--scale-grid: only for b4m runs, not --baseline lora-merge")
+
+
 def versions():
     import diffusers
     import transformers
@@ -885,8 +884,7 @@ def train_main(args):
     # Validate everything that can be checked without a model, so a typo costs seconds.
     device, dtype = pick_device(args)
     check_model(args.model, args.rank)
-    if (args.content_scale, args.style_scale) != (1, 1) and args.baseline != "b4m":
-        raise UsageError("--content-scale/--style-scale: only for b4m runs, not --baseline lora-merge")
+    check_scales(args)
     content_px, args.content_prompt = load_image_set(args.content, "--content", args.resolution, args.content_prompt,
                                                      "a photo of snq object")
     style_px, args.style_prompt = load_image_set(args.style, "--style", args.resolution, args.style_prompt,
@@ -945,6 +943,8 @@ def train_main(args):
 
 def finish(pipe, adapters, args, times=None, report=True):
     """Samples and report.json, shared by training and `sample`."""
+    if args.scale_grid:
+        save_image(Path(args.out) / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args))
     if (args.content_scale, args.style_scale) != (1, 1):
         adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
     sample_run(pipe, adapters, args)
@@ -975,8 +975,7 @@ def sample_main(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = str(run)
-    if (args.content_scale, args.style_scale) != (1, 1) and args.baseline != "b4m":
-        raise UsageError("--content-scale/--style-scale: only for b4m runs, not --baseline lora-merge")
+    check_scales(args)
     device, dtype = pick_device(args)
     missing = [s for s in STAGE_KEYS if not (run / s / WEIGHTS).is_file()]
     if missing:

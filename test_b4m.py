@@ -413,7 +413,7 @@ def bad_inputs(tmp):
         (["--model", tmp / "notapipeline"], None, ["--model", "model_index.json"]),
         (["--model", "nobody/no-such-model"], None, ["--model nobody/no-such-model", "not in the local", "cache"]),
         (["--out", tmp / "afile"], None, ["--out", "is a file"]),
-        (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "lora-merge"]),
+        (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "--scale-grid", "lora-merge"]),
         (["--bogus"], None, ["unrecognized arguments: --bogus"]),
     ]
 
@@ -656,7 +656,10 @@ def test_sample_exports_the_scaled_adapter_and_renders_the_scale_grid(sd_run, tm
     assert meta["content_scale"] == 0.5 and meta["style_scale"] == 1.5
     from PIL import Image
 
-    assert Image.open(run / "samples" / "scale_grid.png").size == (4 * 64, 4 * 64)
+    grid = Image.open(run / "samples" / "scale_grid.png")
+    assert grid.size == (4 * 64, 4 * 64)
+    cell = grid.crop((1 * 64, 3 * 64, 2 * 64, 4 * 64))  # column s_c = 0.5, row s_s = 1.5: this sample's scales
+    assert cell.tobytes() == Image.open(run / "samples" / "b4m_0.png").convert("RGB").tobytes()
     assert (run / "report.json").read_bytes() == report  # only `sample --report` recomputes it
     code, err = run_b4m(["sample", "--run", run, "--report", "--num-samples", "1"], capsys)
     assert code == 0 and "drift" in err
