@@ -36,6 +36,10 @@ from tqdm import tqdm
 __version__ = "0.1.0"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection of the UNet
 
+
+class UsageError(Exception):
+    """Bad input or a run that cannot go on: main() prints it as one line and exits with code 2."""
+
 # ---------------------------------------------------------------------------------------------
 # 1. Partly learnable projection (PLP)
 #       U = [A; B]  (m x r),  V = [C, D]  (r x n),  dW = U V = [[A C, A D], [B C, B D]]
@@ -50,7 +54,7 @@ class PLPLinear(nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         m, n = base.out_features, base.in_features
-        # fp16/bf16 models keep an fp32 adapter; fp32/fp64 models one of their own precision.
+        # At least fp32: Adam's small updates to B and D would round away in fp16/bf16 weights.
         dtype = torch.promote_types(base.weight.dtype, torch.float32)
         A, C = (prior or orthogonal_prior)(m, n, rank, generator)  # section 2 below
         D = torch.randn(rank, n - n // 2, generator=generator, dtype=torch.float64) / rank
@@ -78,63 +82,17 @@ class PLPLinear(nn.Module):
         return self.base(x) + h.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Orthogonal prior
-#       Q = qr(N(0, 1)^{(m//2 + n//2) x r}),  A = Q[:m//2],  C = Q[m//2:]^T   =>   A^T A + C C^T = I_r
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_rank(out_features, in_features, rank):
-    if rank < 1 or out_features // 2 + in_features // 2 < rank:
-        raise ValueError(f"rank must be between 1 and out_features//2 + in_features//2 = "
-                         f"{out_features // 2 + in_features // 2} for a {out_features}x{in_features} layer, got {rank}")
-
-
-def orthogonal_prior(out_features, in_features, rank, generator=None, dtype=torch.float32):
-    """Frozen scaffold (A, C) cut from one orthonormal basis, so the two span well-separated
-    directions and keep U^T U and V V^T well conditioned for the preconditioner (section 3)."""
-    _check_rank(out_features, in_features, rank)
-    m_f = out_features // 2
-    # Drawn in float64 on the CPU: the same (seed, layer) gives bit-identical A, C on any device.
-    Q, R = torch.linalg.qr(torch.randn(m_f + in_features // 2, rank, generator=generator, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R))  # unique QR: Q depends on the draw alone, not on LAPACK
-    return Q[:m_f].to(dtype), Q[m_f:].T.contiguous().to(dtype)
-
-
-def random_prior(out_features, in_features, rank, generator=None, dtype=torch.float32):
-    """Ablation (--no-orth-prior): A and C drawn independently, at the orthonormal draw's scale."""
-    _check_rank(out_features, in_features, rank)
-    m_f, n_f = out_features // 2, in_features // 2
-    std = (m_f + n_f) ** -0.5  # an entry of a unit column of length m_f + n_f
-    A = torch.randn(m_f, rank, generator=generator, dtype=torch.float64) * std
-    C = torch.randn(rank, n_f, generator=generator, dtype=torch.float64) * std
-    return A.to(dtype), C.to(dtype)
-
-
-def layer_generator(seed, name):
-    """A generator seeded by (seed, module name): Python's hash() is salted per process, sha256 is not."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 def is_target(name, module):
-    return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, (nn.Linear, PLPLinear))
-
-
-def rank_limit(denoiser):
-    """The largest rank every adapted layer allows (m//2 + n//2 >= r, section 2)."""
-    return min(m.out_features // 2 + m.in_features // 2 for n, m in denoiser.named_modules()
-               if is_target(n, m) and isinstance(m, nn.Linear))
+    return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, nn.Linear)
 
 
 def add_plp(denoiser, rank, seed, prior=None):
-    """Wrap every to_q, to_k, to_v, to_out.0 of the denoiser in a PLPLinear (a PLPLinear already
-    there is re-drawn around its base layer). Returns {module name: PLPLinear}."""
+    """Wrap every to_q, to_k, to_v, to_out.0 of the denoiser in a PLPLinear, A and C drawn from
+    (seed, module name) so that separate runs share them bit for bit. {module name: PLPLinear}."""
     layers = {}
     for name, module in list(denoiser.named_modules()):
         if is_target(name, module):
-            base = module.base if isinstance(module, PLPLinear) else module
-            layers[name] = PLPLinear(base, rank, layer_generator(seed, name), prior)
+            layers[name] = PLPLinear(module, rank, seeded(seed, name), prior)
             denoiser.set_submodule(name, layers[name])
     return layers
 
@@ -143,6 +101,69 @@ def remove_plp(denoiser):
     for name, module in list(denoiser.named_modules()):
         if isinstance(module, PLPLinear):
             denoiser.set_submodule(name, module.base)
+
+
+def lora_state_dict(layers):
+    """The PLP layers as a standard diffusers LoRA: lora_B = U (m x r), lora_A = V (r x n), scale 1."""
+    sd = {}
+    for name, layer in layers.items():
+        sd[f"unet.{name}.lora_A.weight"] = layer.down.detach().float().cpu().contiguous()
+        sd[f"unet.{name}.lora_B.weight"] = layer.up.detach().float().cpu().contiguous()
+    return sd
+
+
+def load_plp_state(layers, sd):
+    with torch.no_grad():
+        for name, layer in layers.items():
+            U, V = sd[f"unet.{name}.lora_B.weight"], sd[f"unet.{name}.lora_A.weight"]
+            m_f, n_f = layer.A.shape[0], layer.C.shape[1]
+            for t, value in ((layer.A, U[:m_f]), (layer.B, U[m_f:]), (layer.C, V[:, :n_f]), (layer.D, V[:, n_f:])):
+                t.copy_(value)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Orthogonal prior
+#       Q = qr(N(0, 1)^{(m//2 + n//2) x r}),  A = Q[:m//2],  C = Q[m//2:]^T   =>   A^T A + C C^T = I_r
+# ---------------------------------------------------------------------------------------------
+
+
+def check_layer_rank(out_features, in_features, rank):
+    if rank < 1 or out_features // 2 + in_features // 2 < rank:
+        raise ValueError(f"rank must be between 1 and out_features//2 + in_features//2 = "
+                         f"{out_features // 2 + in_features // 2} for a {out_features}x{in_features} layer, got {rank}")
+
+
+def orthogonal_prior(out_features, in_features, rank, generator=None):
+    """Frozen scaffold (A, C) cut from one orthonormal basis, so the two span well-separated
+    directions and keep U^T U and V V^T well conditioned for the preconditioner (section 3).
+    float64, drawn on the CPU: the same (seed, layer) gives bit-identical A, C on any device."""
+    check_layer_rank(out_features, in_features, rank)
+    m_f = out_features // 2
+    Q, R = torch.linalg.qr(torch.randn(m_f + in_features // 2, rank, generator=generator, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))  # unique QR: Q depends on the draw alone, not on LAPACK
+    return Q[:m_f], Q[m_f:].T.contiguous()
+
+
+def random_prior(out_features, in_features, rank, generator=None):
+    """Ablation (--no-orth-prior): A and C drawn independently, at the orthonormal draw's scale."""
+    check_layer_rank(out_features, in_features, rank)
+    m_f, n_f = out_features // 2, in_features // 2
+    std = (m_f + n_f) ** -0.5  # an entry of a unit column of length m_f + n_f
+    A = torch.randn(m_f, rank, generator=generator, dtype=torch.float64) * std
+    return A, torch.randn(rank, n_f, generator=generator, dtype=torch.float64) * std
+
+
+def seeded(seed, name):
+    """A CPU generator seeded by (seed, name): Python's hash() is salted per process, sha256 is not."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def rank_limit(denoiser):
+    """The largest rank every adapted layer allows (m//2 + n//2 >= r, section 2)."""
+    return min(m.out_features // 2 + m.in_features // 2 for n, m in denoiser.named_modules()
+               if is_target(n, m) and isinstance(m, nn.Linear))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +228,286 @@ class RiemannianAdamW(torch.optim.AdamW):
 #       L = || eps_theta(z_t, t, c) - target ||^2,  target = eps or v (scheduler.get_velocity)
 # ---------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def encode_prompts(pipe, prompts, resolution):
+    """Denoiser conditioning for a list of prompts, batched: {'encoder_hidden_states': ..., and for
+    SDXL the pooled 'text_embeds' and the 'time_ids' (size, crop (0, 0), target size)}."""
+    dev = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x/2.x: one text encoder
+        return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
+    emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts))
+    return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids.to(dev, emb.dtype)}
+
+
+@torch.no_grad()
+def encode_set(pipe, pixels, prompt, resolution):
+    """Everything the loop needs from the VAE and the text encoders, computed once: the latent
+    posterior (mean, std) of every image and the prompt's conditioning."""
+    vae, dtype = pipe.vae, pipe.vae.dtype
+    if dtype != torch.float32:
+        vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
+    mean, std = [], []
+    for x in pixels.split(4):
+        dist = vae.encode(x.to(vae.device)).latent_dist
+        mean.append(dist.mean)
+        std.append(dist.std)
+    if dtype != torch.float32:
+        vae.to(dtype=dtype)
+    sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
+    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "prompt": prompt,
+            "cond": encode_prompts(pipe, [prompt], resolution)}
+
+
+def denoise(unet, z_t, t, cond):
+    cond = dict(cond)
+    hidden = cond.pop("encoder_hidden_states")
+    return unet(z_t, t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample
+
+
+def set_losses(unet, noise_scheduler, sets, batch_size, generator):
+    """Denoising loss of each set, in one forward over the concatenated batches of all sets (they
+    all train the same half, so this is exact). Every call draws fresh noise and timesteps: the
+    official scripts reused the main batch's for the auxiliary one, a coupling the paper does not ask for."""
+    dev = unet.device
+    z0, cond = [], {}
+    for s in sets:
+        i = torch.randint(len(s["mean"]), (batch_size,), generator=generator)
+        eps = torch.randn(s["mean"][i].shape, generator=generator).to(dev)
+        z0.append(s["mean"][i] + s["std"][i] * eps)
+        for k, v in s["cond"].items():
+            cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
+    z0 = torch.cat(z0)
+    noise = torch.randn(z0.shape, generator=generator).to(dev)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(dev)
+    z_t = noise_scheduler.add_noise(z0, noise, t)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
+    pred = denoise(unet, z_t.to(unet.dtype), t, {k: torch.cat(v) for k, v in cond.items()})
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)).view(len(sets), -1).mean(1)
+
+
+def train(stage, steps, unet, noise_scheduler, objectives, optimizer, args, log, snapshot):
+    """The one training loop of every stage. objectives: [(sets, params, reduce), ...]; each
+    objective's loss is backpropagated into its own params only (Tensor.backward(inputs=...)),
+    which is the exact gradient routing of section 4. snapshot() returns the current adapter,
+    saved as a partial checkpoint on Ctrl-C."""
+    generator = seeded(args.seed, stage)
+    # fp16 models: backward through fp16 activations underflows without loss scaling (as in diffusers'
+    # scripts). A no-op otherwise. RiemannianAdamW preconditions inside step(), after the unscale.
+    scaler = torch.amp.GradScaler(unet.device.type, enabled=unet.dtype == torch.float16)
+    bar = tqdm(range(1, steps + 1), desc=stage, dynamic_ncols=True)
+    step = 0
+    try:
+        for step in bar:
+            totals = [0.0] * len(objectives)
+            for _ in range(args.grad_accum):
+                for j, (sets, params, reduce) in enumerate(objectives):
+                    loss = reduce(set_losses(unet, noise_scheduler, sets, args.batch_size, generator))
+                    scaler.scale(loss / args.grad_accum).backward(inputs=params)
+                    totals[j] += loss.item() / args.grad_accum
+            if not all(math.isfinite(v) for v in totals):
+                raise UsageError(f"{stage} stage, step {step}: the loss is not finite ({totals[0]}); "
+                                 f"lower --lr/--aux-lr/--make-lr (adapters already saved are kept)")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            log.append([stage, step] + [f"{v:.6g}" for v in totals] + [""] * (2 - len(totals)))
+            bar.set_postfix(loss=f"{totals[0]:.4f}")
+    except KeyboardInterrupt:
+        path = Path(args.out) / stage / "partial.safetensors"
+        save_lora(path, snapshot(), adapter_metadata(args, stage, partial_step=step - 1))
+        print(f"\ninterrupted in the {stage} stage after {step - 1} steps; partial adapter saved to {path}.\n"
+              f"Run the same command with --resume to continue: finished stages are kept and the "
+              f"{stage} stage starts again.", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        bar.close()
+
+
+def break_stage(stage, pipe, noise_scheduler, target, aux, args, log):
+    """Content stage: D learns the content set (lr), B the auxiliary style sets (aux lr).
+    Style stage: the mirror image. Returns the stage's adapter as a diffusers LoRA state dict."""
+    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
+    B = [layer.B for layer in layers.values()]
+    D = [layer.D for layer in layers.values()]
+    own, other = (D, B) if stage == "content" else (B, D)
+    optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr}, {"params": other, "lr": args.aux_lr}])
+    objectives = [([target], own, torch.mean)]
+    if not args.no_mcp:  # MCP: the other half learns to work with several partners
+        objectives.append((aux, other, torch.mean))
+    train(stage, args.steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
+          lambda: lora_state_dict(layers))
+    remove_plp(pipe.unet)
+    return lora_state_dict(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Make: reassemble and fine-tune briefly
+#       U = [A; B_style],  V = [C, D_content],  then B, D <- RiemannianAdamW on L_style + L_content
+# ---------------------------------------------------------------------------------------------
+
+
+def reassemble(content, style, content_scale=1.0, style_scale=1.0):
+    """The made adapter: U = [A; s_s B_style], V = [C, s_c D_content]. A and C of the two break
+    stages must be bit-identical, else the two halves were learned against different scaffolds."""
+    made = {}
+    for key in content:
+        if not key.endswith("lora_B.weight"):
+            continue
+        down = key.replace("lora_B", "lora_A")
+        U, V = style[key], content[down]
+        m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
+        if not (torch.equal(U[:m_f], content[key][:m_f]) and torch.equal(V[:, :n_f], style[down][:, :n_f])):
+            raise UsageError(f"make: the frozen A/C of {key.removesuffix('.lora_B.weight')} differ between the "
+                             f"content and the style "
+                             f"adapter; both must come from the same --seed, --rank and prior")
+        made[key] = torch.cat([U[:m_f], style_scale * U[m_f:]])
+        made[down] = torch.cat([V[:, :n_f], content_scale * V[:, n_f:]], 1)
+    return made
+
+
+def scale_made(sd, content_scale, style_scale):
+    """U = [A; s_s B], V = [C, s_c D] on any PLP adapter: strengths at sampling time, no retraining."""
+    return reassemble(sd, sd, content_scale, style_scale)
+
+
+def make_stage(pipe, noise_scheduler, content, style, content_sd, style_sd, args, log):
+    """The made adapter, saved as stage "b4m": reassembled, then B and D fine-tuned together."""
+    layers = add_plp(pipe.unet, args.rank, args.seed)
+    load_plp_state(layers, reassemble(content_sd, style_sd))  # all four blocks: the draw is replaced
+    optimizer = RiemannianAdamW(layers.values(), lr=args.make_lr)
+    if args.no_precondition:
+        optimizer = torch.optim.AdamW(optimizer.param_groups[0]["params"], lr=args.make_lr)
+    params = optimizer.param_groups[0]["params"]
+    objectives = [([content, style], params, torch.sum)]  # L_content + L_style, one forward
+    train("b4m", args.make_steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
+          lambda: lora_state_dict(layers))
+    remove_plp(pipe.unet)
+    return lora_state_dict(layers)
+
+
+def lora_merge_stage(stage, pipe, noise_scheduler, data, args, log):
+    """Baseline (--baseline lora-merge): an ordinary peft LoRA, as the diffusers scripts train one."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=list(TARGETS)), adapter_name=stage)
+    params = [p for n, p in unet.named_parameters() if f".{stage}." in n]
+    for p in params:
+        p.data = p.data.float()  # adapters train in fp32 whatever the model's dtype
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+
+    def snapshot():
+        return {f"unet.{k}": v.detach().float().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items()}
+
+    train(stage, args.steps, unet, noise_scheduler, [([data], params, torch.mean)], optimizer, args, log, snapshot)
+    sd = snapshot()
+    unet.unload_lora()
+    return sd
+
+
+def merge_loras(content, style):
+    """Sum of two rank-r LoRAs = one rank-2r LoRA: U = [U_c, U_s], V = [V_c; V_s]."""
+    return {k: torch.cat([content[k], style[k]], 1 if "lora_B" in k else 0) for k in content}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Sample: the made adapter is an ordinary diffusers LoRA
+#       W = W0 + U V in every adapted projection; generate with the combined prompt
+# ---------------------------------------------------------------------------------------------
+
+DRIFT_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table", "a portrait of an old man"]
+
+
+@contextlib.contextmanager
+def lora_loaded(pipe, sd):
+    """Load a LoRA state dict with diffusers' own loader, unfused: unfusing subtracts U V again,
+    which is not exact in floating point, and later samples must see the untouched base weights."""
+    pipe.unet.load_lora_adapter(dict(sd), prefix="unet", adapter_name="b4m")  # a copy: the loader pops keys
+    try:
+        yield
+    finally:
+        pipe.unet.unload_lora()
+
+
+def generate(pipe, sd, prompt, args):
+    with lora_loaded(pipe, sd):
+        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed)
+        return pipe(prompt, num_images_per_prompt=args.num_samples, num_inference_steps=args.sample_steps,
+                    height=args.resolution, width=args.resolution, generator=generator).images
+
+
+def image_grid(rows):
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im, (j * w, i * h))
+    return grid
+
+
+def own_prompts(args):
+    return {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
+
+
+def sample_run(pipe, adapters, args):
+    """samples/{content,style,b4m}_{i}.png and grid.png: one row each for content, style, b4m."""
+    out = Path(args.out) / "samples"
+    rows = []
+    for stage, sd in adapters.items():
+        images = generate(pipe, sd, own_prompts(args)[stage], args)
+        for i, im in enumerate(images):
+            save_image(out / f"{stage}_{i}.png", im)
+        rows.append(images)
+    save_image(out / "grid.png", image_grid(rows))
+
+
+SCALES = (0.0, 0.5, 1.0, 1.5)
+
+
+def scale_grid(pipe, made, args):
+    """The made adapter at every pair of strengths. Rows: s_s; columns: s_c; one image each, same seed."""
+    one = argparse.Namespace(**{**vars(args), "num_samples": 1})
+    rows = [[generate(pipe, scale_made(made, s_c, s_s), args.prompt, one)[0] for s_c in SCALES] for s_s in SCALES]
+    return image_grid(rows)
+
+
+@torch.no_grad()
+def drift_report(pipe, adapters, own_prompts, resolution, seed):
+    """drift: mean squared change of the noise prediction on unrelated prompts (how much the
+    adapter disturbs the base model); effect: the same on the adapter's own prompt. Same latents,
+    noise and timesteps for the adapted and the base model."""
+    unet, k = pipe.unet, len(DRIFT_PROMPTS)
+    g = torch.Generator().manual_seed(seed)
+    size = resolution // pipe.vae_scale_factor
+    z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
+    # Mid-range timesteps: near t = 0 or T the prediction hardly depends on the prompt at all.
+    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)
+
+    def eps(prompts):
+        return denoise(unet, z, t, encode_prompts(pipe, prompts, resolution)).float()
+
+    base = eps(DRIFT_PROMPTS)
+    report = {"drift": {}, "effect": {}}
+    for stage, sd in adapters.items():
+        base_own = eps([own_prompts[stage]] * k)
+        with lora_loaded(pipe, sd):
+            report["drift"][stage] = F.mse_loss(eps(DRIFT_PROMPTS), base).item()
+            report["effect"][stage] = F.mse_loss(eps([own_prompts[stage]] * k), base_own).item()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: image folders in; every write atomic (temporary file in the same folder, then os.replace);
+# adapters in safetensors only (no pickle), in the key layout diffusers' load_lora_weights reads.
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
-PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
-OFFICIAL = dict(rank=64, resolution=512, steps=1000, make_steps=1000, sample_steps=25, num_samples=4)
-TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
-
-
-class UsageError(Exception):
-    """Bad input: main() prints the message as one line and exits with code 2."""
 
 
 def open_image(path, resolution):
@@ -261,289 +554,6 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     return pixels.float() / 127.5 - 1, prompt
 
 
-def is_sdxl(pipe):
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts, resolution):
-    """Denoiser conditioning for a list of prompts, batched: {'encoder_hidden_states': ..., and for
-    SDXL the pooled 'text_embeds' and the 'time_ids' (size, crop (0, 0), target size)}."""
-    dev = pipe.unet.device
-    if not is_sdxl(pipe):
-        return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
-    emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
-                                           do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts))
-    return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids.to(dev, emb.dtype)}
-
-
-@torch.no_grad()
-def encode_set(pipe, pixels, prompt, resolution):
-    """Everything the loop needs from the VAE and the text encoders, computed once: the latent
-    posterior (mean, std) of every image and the prompt's conditioning."""
-    vae, dtype = pipe.vae, pipe.vae.dtype
-    if dtype != torch.float32:
-        vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
-    mean, std = [], []
-    for x in pixels.split(4):
-        dist = vae.encode(x.to(vae.device)).latent_dist
-        mean.append(dist.mean)
-        std.append(dist.std)
-    if dtype != torch.float32:
-        vae.to(dtype=dtype)
-    sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
-    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "prompt": prompt,
-            "cond": encode_prompts(pipe, [prompt], resolution)}
-
-
-def set_losses(unet, noise_scheduler, sets, batch_size, generator):
-    """Denoising loss of each set, in one forward over the concatenated batches of all sets."""
-    dev = unet.device
-    z0, cond = [], {}
-    for s in sets:
-        i = torch.randint(len(s["mean"]), (batch_size,), generator=generator)
-        eps = torch.randn(s["mean"][i].shape, generator=generator).to(dev)
-        z0.append(s["mean"][i] + s["std"][i] * eps)
-        for k, v in s["cond"].items():
-            cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
-    z0 = torch.cat(z0)
-    noise = torch.randn(z0.shape, generator=generator).to(dev)
-    t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(dev)
-    z_t = noise_scheduler.add_noise(z0, noise, t)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
-    cond = {k: torch.cat(v) for k, v in cond.items()}
-    hidden = cond.pop("encoder_hidden_states")
-    pred = unet(z_t.to(unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)).view(len(sets), -1).mean(1)
-
-
-def train(stage, steps, unet, noise_scheduler, objectives, optimizer, args, log, snapshot):
-    """The one training loop of every stage. objectives: [(sets, params, reduce), ...]; each
-    objective's loss is backpropagated into its own params only (Tensor.backward(inputs=...)),
-    which is the exact gradient routing of section 4. snapshot() returns the current adapter,
-    saved as a partial checkpoint on Ctrl-C."""
-    generator = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(1, steps + 1), desc=stage, dynamic_ncols=True)
-    step = 0
-    try:
-        for step in bar:
-            totals = [0.0] * len(objectives)
-            for _ in range(args.grad_accum):
-                for j, (sets, params, reduce) in enumerate(objectives):
-                    loss = reduce(set_losses(unet, noise_scheduler, sets, args.batch_size, generator))
-                    (loss / args.grad_accum).backward(inputs=params)
-                    totals[j] += loss.item() / args.grad_accum
-            if not all(math.isfinite(v) for v in totals):
-                raise UsageError(f"{stage} stage, step {step}: the loss is not finite ({totals[0]}); "
-                                 f"lower --lr/--aux-lr/--make-lr (adapters already saved are kept)")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.append([stage, step] + [f"{v:.6g}" for v in totals] + [""] * (2 - len(totals)))
-            bar.set_postfix(loss=f"{totals[0]:.4f}")
-    except KeyboardInterrupt:
-        path = Path(args.out) / stage / "partial.safetensors"
-        save_lora(path, snapshot(), adapter_metadata(args, stage, partial_step=step - 1))
-        print(f"\ninterrupted in the {stage} stage after {step - 1} steps; partial adapter saved to {path}.\n"
-              f"Run the same command with --resume to continue: finished stages are kept and the "
-              f"{stage} stage starts again.", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        bar.close()
-
-
-def break_stage(stage, pipe, noise_scheduler, main, aux, args, log):
-    """Content stage: D learns the content set (lr), B the auxiliary style sets (aux lr).
-    Style stage: the mirror image. Returns the stage's adapter as a diffusers LoRA state dict."""
-    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
-    B = [layer.B for layer in layers.values()]
-    D = [layer.D for layer in layers.values()]
-    own, other = (D, B) if stage == "content" else (B, D)
-    optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr}, {"params": other, "lr": args.aux_lr}])
-    objectives = [([main], own, torch.mean)]
-    if not args.no_mcp:  # MCP: the other half learns to work with several partners
-        objectives.append((aux, other, torch.mean))
-    train(stage, args.steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
-          lambda: lora_state_dict(layers))
-    return lora_state_dict(layers)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Make: reassemble and fine-tune briefly
-#       U = [A; B_style],  V = [C, D_content],  then B, D <- RiemannianAdamW on L_style + L_content
-# ---------------------------------------------------------------------------------------------
-
-
-def lora_state_dict(layers):
-    """The PLP layers as a standard diffusers LoRA: lora_B = U (m x r), lora_A = V (r x n), scale 1."""
-    sd = {}
-    for name, layer in layers.items():
-        sd[f"unet.{name}.lora_A.weight"] = layer.down.detach().float().cpu().contiguous()
-        sd[f"unet.{name}.lora_B.weight"] = layer.up.detach().float().cpu().contiguous()
-    return sd
-
-
-def load_plp_state(layers, sd):
-    with torch.no_grad():
-        for name, layer in layers.items():
-            U, V = sd[f"unet.{name}.lora_B.weight"], sd[f"unet.{name}.lora_A.weight"]
-            m_f, n_f = layer.A.shape[0], layer.C.shape[1]
-            for t, value in ((layer.A, U[:m_f]), (layer.B, U[m_f:]), (layer.C, V[:, :n_f]), (layer.D, V[:, n_f:])):
-                t.copy_(value)
-
-
-def reassemble(content, style, content_scale=1.0, style_scale=1.0):
-    """The made adapter: U = [A; s_s B_style], V = [C, s_c D_content]. A and C of the two break
-    stages must be bit-identical, else the two halves were learned against different scaffolds."""
-    made = {}
-    for key in content:
-        if not key.endswith("lora_B.weight"):
-            continue
-        down = key.replace("lora_B", "lora_A")
-        U, V = style[key], content[down]
-        m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
-        if not (torch.equal(U[:m_f], content[key][:m_f]) and torch.equal(V[:, :n_f], style[down][:, :n_f])):
-            raise UsageError(f"make: the frozen A/C of {key[5:-14]} differ between the content and the style "
-                             f"adapter; both must come from the same --seed, --rank and prior")
-        made[key] = torch.cat([U[:m_f], style_scale * U[m_f:]])
-        made[down] = torch.cat([V[:, :n_f], content_scale * V[:, n_f:]], 1)
-    return made
-
-
-def make_stage(pipe, noise_scheduler, content, style, content_sd, style_sd, args, log):
-    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
-    load_plp_state(layers, reassemble(content_sd, style_sd))
-    if args.no_precondition:
-        optimizer = torch.optim.AdamW([p for layer in layers.values() for p in (layer.B, layer.D)], lr=args.make_lr)
-    else:
-        optimizer = RiemannianAdamW(layers.values(), lr=args.make_lr)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    objectives = [([content, style], params, torch.sum)]  # L_content + L_style, one forward
-    train("b4m", args.make_steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
-          lambda: lora_state_dict(layers))
-    return lora_state_dict(layers)
-
-
-def lora_merge_stage(stage, pipe, noise_scheduler, data, args, log):
-    """Baseline (--baseline lora-merge): an ordinary peft LoRA, as the diffusers scripts train one."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=list(TARGETS)), adapter_name=stage)
-    params = [p for n, p in unet.named_parameters() if f".{stage}." in n]
-    for p in params:
-        p.data = p.data.float()  # adapters train in fp32 whatever the model's dtype
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-
-    def snapshot():
-        return {f"unet.{k}": v.detach().float().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items()}
-
-    train(stage, args.steps, unet, noise_scheduler, [([data], params, torch.mean)], optimizer, args, log, snapshot)
-    sd = snapshot()
-    unet.delete_adapters(stage)
-    return sd
-
-
-def merge_loras(content, style):
-    """Sum of two rank-r LoRAs = one rank-2r LoRA: U = [U_c, U_s], V = [V_c; V_s]."""
-    return {k: torch.cat([content[k], style[k]], 1 if "lora_B" in k else 0) for k in content}
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Sample: the made adapter is an ordinary diffusers LoRA
-#       W = W0 + U V in every adapted projection; generate with the combined prompt
-# ---------------------------------------------------------------------------------------------
-
-DRIFT_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table", "a portrait of an old man"]
-
-
-@contextlib.contextmanager
-def lora_loaded(pipe, sd):
-    """Load a LoRA state dict with diffusers' own loader, unfused: unfusing subtracts U V again,
-    which is not exact in floating point, and later samples must see the untouched base weights."""
-    pipe.unet.load_lora_adapter(dict(sd), prefix="unet", adapter_name="b4m")
-    try:
-        yield
-    finally:
-        pipe.unet.unload_lora()
-
-
-def generate(pipe, sd, prompt, args):
-    with lora_loaded(pipe, sd):
-        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed)
-        return pipe(prompt, num_images_per_prompt=args.num_samples, num_inference_steps=args.sample_steps,
-                    height=args.resolution, width=args.resolution, generator=generator).images
-
-
-def image_grid(rows):
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im, (j * w, i * h))
-    return grid
-
-
-def sample_run(pipe, adapters, args):
-    """samples/{content,style,b4m}_{i}.png and grid.png: one row each for content, style, b4m."""
-    out = Path(args.out) / "samples"
-    prompts = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
-    rows = []
-    for stage, sd in adapters.items():
-        images = generate(pipe, sd, prompts[stage], args)
-        for i, im in enumerate(images):
-            save_image(out / f"{stage}_{i}.png", im)
-        rows.append(images)
-    save_image(out / "grid.png", image_grid(rows))
-
-
-SCALES = (0.0, 0.5, 1.0, 1.5)
-
-
-def scale_grid(pipe, made, args):
-    """The made adapter at every pair of strengths. Rows: s_s; columns: s_c; one image each, same seed."""
-    one = argparse.Namespace(**{**vars(args), "num_samples": 1})
-    rows = [[generate(pipe, scale_made(made, s_c, s_s), args.prompt, one)[0] for s_c in SCALES] for s_s in SCALES]
-    return image_grid(rows)
-
-
-@torch.no_grad()
-def drift_report(pipe, adapters, own_prompts, resolution, seed):
-    """drift: mean squared change of the noise prediction on unrelated prompts (how much the
-    adapter disturbs the base model); effect: the same on the adapter's own prompt. Same latents,
-    noise and timesteps for the adapted and the base model."""
-    unet, k = pipe.unet, len(DRIFT_PROMPTS)
-    g = torch.Generator().manual_seed(seed)
-    size = resolution // pipe.vae_scale_factor
-    z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
-    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)
-
-    def eps(prompts):
-        cond = encode_prompts(pipe, prompts, resolution)
-        hidden = cond.pop("encoder_hidden_states")
-        return unet(z, t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample.float()
-
-    base = eps(DRIFT_PROMPTS)
-    report = {"drift": {}, "effect": {}}
-    for stage, sd in adapters.items():
-        base_own = eps([own_prompts[stage]] * k)
-        with lora_loaded(pipe, sd):
-            report["drift"][stage] = F.mse_loss(eps(DRIFT_PROMPTS), base).item()
-            report["effect"][stage] = F.mse_loss(eps([own_prompts[stage]] * k), base_own).item()
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: every write is atomic (temporary file in the same folder, then os.replace), adapters are
-# safetensors only (no pickle), in the key layout diffusers' load_lora_weights reads.
-# ---------------------------------------------------------------------------------------------
-
-WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
 @contextlib.contextmanager
 def atomic(path):
     path = Path(path)
@@ -578,17 +588,16 @@ def load_lora(path, unet, expect):
         if key != "version" and meta.get(key) != value:
             raise UsageError(f"{path}: made with {key}={meta.get(key)}, this run has {key}={value}; "
                              f"use the matching model/settings or another --out")
-    for key, t in sd.items():
-        name, kind = key[len("unet."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        try:
-            layer = unet.get_submodule(name)
-        except AttributeError:
-            raise UsageError(f"{path}: layer {name} is not in this model; the adapter was made for another model")
-        layer = getattr(layer, "base", layer)
-        shape = (layer.out_features, -1) if kind == "lora_B" else (-1, layer.in_features)
-        if t.ndim != 2 or any(s != -1 and s != d for s, d in zip(shape, t.shape)):
-            raise UsageError(f"{path}: {key} has shape {tuple(t.shape)}, this model's layer needs "
-                             f"{tuple(shape)}; the adapter was made for another model")
+    layers = {n: m for n, m in unet.named_modules() if is_target(n, m)}
+    keys = {f"unet.{n}.lora_{x}.weight" for n in layers for x in "AB"}
+    for key in sorted(keys ^ set(sd)):
+        raise UsageError(f"{path}: {'has no' if key in keys else 'has an unknown'} key {key}; "
+                         f"the adapter was made for another model")
+    for name, layer in layers.items():
+        V, U = sd[f"unet.{name}.lora_A.weight"], sd[f"unet.{name}.lora_B.weight"]
+        if V.ndim != 2 or U.ndim != 2 or V.shape[1] != layer.in_features or U.shape != (layer.out_features, V.shape[0]):
+            raise UsageError(f"{path}: {name} has U {tuple(U.shape)}, V {tuple(V.shape)}, this model's layer is "
+                             f"{layer.out_features}x{layer.in_features}; the adapter was made for another model")
     return sd, meta
 
 
@@ -620,6 +629,10 @@ def adapter_metadata(args, stage, partial_step=None):
 # Models: any diffusers SD 1.x/2.x/SDXL pipeline, or a tiny random one built here (offline demo)
 # ---------------------------------------------------------------------------------------------
 
+PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
+OFFICIAL = dict(rank=64, resolution=512, steps=1000, make_steps=1000, sample_steps=25, num_samples=4)
+TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
+
 
 def tiny_pipeline(kind):
     """A small random SD or SDXL pipeline with a byte-level CLIP tokenizer: its images are noise,
@@ -629,10 +642,10 @@ def tiny_pipeline(kind):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    torch.manual_seed(0)  # the same random model in every process: adapters saved from it load back
     chars = sorted(ByteLevel.alphabet())  # every byte is a token: no merges, no vocab file needed
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    torch.manual_seed(0)
     text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                           vocab_size=len(vocab), projection_dim=32, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -714,6 +727,9 @@ def load_pipeline(model, device, dtype):
         if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
             raise UsageError(f"--model {model}: a {type(pipe).__name__}; b4m needs an SD 1.x/2.x or SDXL "
                              f"text-to-image pipeline with a UNet")
+    if pipe.scheduler.config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UsageError(f"--model {model}: prediction_type {pipe.scheduler.config.prediction_type}; "
+                         f"b4m trains epsilon and v-prediction models")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
@@ -734,26 +750,19 @@ STAGE_KEYS = {"content": ["steps", "lr", "aux_lr"], "style": ["steps", "lr", "au
               "b4m": ["steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition"]}
 
 
-def positive(kind):
+def number(kind, ok, rule):
+    """An argparse type: kind(text), refused unless ok(value)."""
     def parse(text):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not ok(value):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
 
-def non_negative(text):
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return int(text)
-
-
-def resolution_type(text):
-    value = int(text)
-    if value <= 0 or value % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {text}")
-    return value
+POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "> 0"), number(float, lambda v: v > 0, "> 0")
+STEPS = number(int, lambda v: v >= 0, ">= 0")
+RESOLUTION = number(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
 
 
 class Parser(argparse.ArgumentParser):
@@ -763,8 +772,8 @@ class Parser(argparse.ArgumentParser):
 
 def common_flags(p):
     p.add_argument("--prompt", help="combined prompt for the made adapter (default: 'a snq object in w@z style')")
-    p.add_argument("--num-samples", type=positive(int), help="images per prompt (default 4; tiny: 2)")
-    p.add_argument("--sample-steps", type=positive(int), help="sampling steps (default 25; tiny: 4)")
+    p.add_argument("--num-samples", type=POSITIVE_INT, help="images per prompt (default 4; tiny: 2)")
+    p.add_argument("--sample-steps", type=POSITIVE_INT, help="sampling steps (default 25; tiny: 4)")
     p.add_argument("--content-scale", type=float, default=1.0, help="s_c: V = [C, s_c D] at sampling")
     p.add_argument("--style-scale", type=float, default=1.0, help="s_s: U = [A; s_s B] at sampling")
     p.add_argument("--scale-grid", action="store_true", help=f"also render samples/scale_grid.png over {SCALES}")
@@ -796,15 +805,15 @@ def parse_args(argv):
     p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
                    help="hub id or local folder of an SD 1.x/2.x/SDXL pipeline, or tiny / tiny-sdxl (offline, random)")
     p.add_argument("--out", default="runs/b4m")
-    p.add_argument("--rank", type=positive(int), help="LoRA rank r (default 64; tiny: 4)")
-    p.add_argument("--resolution", type=resolution_type, help="training/sampling size (default 512; tiny: 64)")
-    p.add_argument("--steps", type=non_negative, help="optimizer steps per break stage (default 1000; tiny: 20)")
-    p.add_argument("--make-steps", type=non_negative, help="make fine-tuning steps; 0 = exact reassembly (default 1000; tiny: 10)")
-    p.add_argument("--batch-size", type=positive(int), default=1)
-    p.add_argument("--grad-accum", type=positive(int), default=4)
-    p.add_argument("--lr", type=positive(float), default=1e-4, help="the stage's own half")
-    p.add_argument("--aux-lr", type=positive(float), default=1e-5, help="the other half, on the auxiliary sets")
-    p.add_argument("--make-lr", type=positive(float), default=1e-4)
+    p.add_argument("--rank", type=POSITIVE_INT, help="LoRA rank r (default 64; tiny: 4)")
+    p.add_argument("--resolution", type=RESOLUTION, help="training/sampling size (default 512; tiny: 64)")
+    p.add_argument("--steps", type=STEPS, help="optimizer steps per break stage (default 1000; tiny: 20)")
+    p.add_argument("--make-steps", type=STEPS, help="make fine-tuning steps; 0 = exact reassembly (default 1000; tiny: 10)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1)
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=4)
+    p.add_argument("--lr", type=POSITIVE, default=1e-4, help="the stage's own half")
+    p.add_argument("--aux-lr", type=POSITIVE, default=1e-5, help="the other half, on the auxiliary sets")
+    p.add_argument("--make-lr", type=POSITIVE, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL on small GPUs)")
     p.add_argument("--resume", action="store_true", help="continue a run in --out: finished stages with matching settings are kept")
@@ -813,7 +822,8 @@ def parse_args(argv):
     p.add_argument("--no-mcp", action="store_true", help="ablation: no auxiliary loss in the break stages")
     p.add_argument("--no-precondition", action="store_true", help="ablation: plain AdamW in make")
     p.add_argument("--baseline", choices=["b4m", "lora-merge"], default="b4m",
-                   help="lora-merge: two ordinary LoRAs trained apart and summed (the paper's naive baseline)")
+                   help="lora-merge: two ordinary LoRAs trained apart on the target sets and summed "
+                        "(the paper's naive baseline; takes none of the B4M-only flags)")
     common_flags(p)
     args = p.parse_args(argv)
     args.command = "train"
@@ -836,9 +846,17 @@ def pick_device(args):
     return device, dtype
 
 
-def check_scales(args):
-    if ((args.content_scale, args.style_scale) != (1, 1) or args.scale_grid) and args.baseline != "b4m":
-        raise UsageError("--content-scale/--style-scale/--scale-grid: only for b4m runs, not --baseline lora-merge")
+def check_baseline(args):
+    """The lora-merge baseline has no PLP halves: the flags that act on them would do nothing."""
+    if args.baseline == "b4m":
+        return
+    b4m_only = {"--content-scale": args.content_scale != 1, "--style-scale": args.style_scale != 1,
+                "--scale-grid": args.scale_grid, "--aux-style": getattr(args, "aux_style", []),
+                "--aux-content": getattr(args, "aux_content", []), "--no-orth-prior": getattr(args, "no_orth_prior", 0),
+                "--no-mcp": getattr(args, "no_mcp", 0), "--no-precondition": getattr(args, "no_precondition", 0)}
+    for flag, given in b4m_only.items():
+        if given:
+            raise UsageError(f"{flag}: only for B4M runs, not --baseline {args.baseline}")
 
 
 def versions():
@@ -881,42 +899,47 @@ def prepare_out(args):
 
 
 def train_main(args):
-    # Validate everything that can be checked without a model, so a typo costs seconds.
-    device, dtype = pick_device(args)
+    # Everything that can be checked without the model's weights is, so a typo costs seconds.
+    device, args.dtype = pick_device(args)  # stored resolved: --resume must not mix fp16 and fp32 stages
     check_model(args.model, args.rank)
-    check_scales(args)
-    content_px, args.content_prompt = load_image_set(args.content, "--content", args.resolution, args.content_prompt,
-                                                     "a photo of snq object")
-    style_px, args.style_prompt = load_image_set(args.style, "--style", args.resolution, args.style_prompt,
-                                                 "an image in w@z style")
-    aux = {flag: [load_image_set(d, flag, args.resolution) for d in getattr(args, flag[2:].replace("-", "_"))]
-           for flag in ("--aux-style", "--aux-content")}
+    check_baseline(args)
+    content_px, args.content_prompt = load_image_set(args.content, "--content", args.resolution,
+                                                     args.content_prompt, "a photo of snq object")
+    style_px, args.style_prompt = load_image_set(args.style, "--style", args.resolution,
+                                                 args.style_prompt, "an image in w@z style")
+    aux_style_px = [load_image_set(folder, "--aux-style", args.resolution) for folder in args.aux_style]
+    aux_content_px = [load_image_set(folder, "--aux-content", args.resolution) for folder in args.aux_content]
+    # Absolute paths in config.json: `sample`, `--resume` and evaluate.py work from any folder.
+    args.content, args.style = str(Path(args.content).resolve()), str(Path(args.style).resolve())
+    args.aux_style, args.aux_content = ([str(Path(d).resolve()) for d in ds] for ds in (args.aux_style, args.aux_content))
+    if Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())
     done = prepare_out(args)
 
-    pipe = load_pipeline(args.model, device, DTYPES[dtype])
-    unet = pipe.unet
-    check_rank(args.rank, unet)
+    pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
+    check_rank(args.rank, pipe.unet)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
-    encode = lambda px, prompt: encode_set(pipe, px, prompt, args.resolution)  # noqa: E731
-    content, style = encode(content_px, args.content_prompt), encode(style_px, args.style_prompt)
-    aux_style = [encode(*s) for s in aux["--aux-style"]] or [style]  # official single-set mode
-    aux_content = [encode(*s) for s in aux["--aux-content"]] or [content]
+    content = encode_set(pipe, content_px, args.content_prompt, args.resolution)
+    style = encode_set(pipe, style_px, args.style_prompt, args.resolution)
+    aux_style = [encode_set(pipe, px, prompt, args.resolution) for px, prompt in aux_style_px] or [style]
+    aux_content = [encode_set(pipe, px, prompt, args.resolution) for px, prompt in aux_content_px] or [content]
+    # (with no auxiliary sets, each stage pairs with the other target set: the official single-set mode)
 
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     save_json(out / "config.json", {"settings": settings, "versions": versions()})
     log, times, adapters = [], {}, {}
-    if (out / "losses.csv").exists() and done:
+    if done:
         with open(out / "losses.csv", newline="") as f:
             log = [row for row in list(csv.reader(f))[1:] if row[0] in done]
-    for stage in ("content", "style", "b4m"):
+    for stage in STAGE_KEYS:
         path = out / stage / WEIGHTS
         if stage in done:
-            adapters[stage] = load_lora(path, unet, adapter_metadata(args, stage))[0]
+            adapters[stage] = load_lora(path, pipe.unet, adapter_metadata(args, stage))[0]
             print(f"{stage}: kept {path} (--resume)", file=sys.stderr)
             continue
         t0 = time.time()
@@ -931,7 +954,6 @@ def train_main(args):
         else:
             adapters[stage] = make_stage(pipe, noise_scheduler, content, style, adapters["content"],
                                          adapters["style"], args, log)
-        remove_plp(unet)
         times[stage] = round(time.time() - t0, 3)
         save_lora(path, adapters[stage], adapter_metadata(args, stage))
         (out / stage / "partial.safetensors").unlink(missing_ok=True)
@@ -943,26 +965,22 @@ def train_main(args):
 
 def finish(pipe, adapters, args, times=None, report=True):
     """Samples and report.json, shared by training and `sample`."""
+    out = Path(args.out)
     if args.scale_grid:
-        save_image(Path(args.out) / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args))
+        save_image(out / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args))
     if (args.content_scale, args.style_scale) != (1, 1):
         adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
     sample_run(pipe, adapters, args)
-    print(f"wrote {Path(args.out) / 'samples'}", file=sys.stderr)
-    if report:
-        own = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
-        result = drift_report(pipe, adapters, own, args.resolution, args.seed)
-        if times is not None:
-            result["seconds"] = times
-        save_json(Path(args.out) / "report.json", result)
-        print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
-        for stage in adapters:
-            print(f"{stage:8} {result['drift'][stage]:12.4g} {result['effect'][stage]:12.4g}", file=sys.stderr)
-
-
-def scale_made(sd, content_scale, style_scale):
-    """U = [A; s_s B], V = [C, s_c D] on any PLP adapter (made or not)."""
-    return reassemble(sd, sd, content_scale, style_scale)
+    print(f"wrote {out / 'samples'}", file=sys.stderr)
+    if not report:
+        return
+    result = drift_report(pipe, adapters, own_prompts(args), args.resolution, args.seed)
+    old = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    result["seconds"] = {**old.get("seconds", {}), **(times or {})}  # stages kept by --resume keep theirs
+    save_json(out / "report.json", result)
+    print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
+    for stage in adapters:
+        print(f"{stage:8} {result['drift'][stage]:12.4g} {result['effect'][stage]:12.4g}", file=sys.stderr)
 
 
 def sample_main(args):
@@ -975,7 +993,7 @@ def sample_main(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.out = str(run)
-    check_scales(args)
+    check_baseline(args)
     device, dtype = pick_device(args)
     missing = [s for s in STAGE_KEYS if not (run / s / WEIGHTS).is_file()]
     if missing:

@@ -78,13 +78,13 @@ def test_only_B_and_D_move_even_with_weight_decay():
 
 @pytest.mark.parametrize("m,n,r", [(12, 10, 4), (64, 32, 48), (7, 9, 3), (1280, 2048, 64)])
 def test_orthogonal_prior_identity(m, n, r):
-    A, C = b4m.orthogonal_prior(m, n, r, torch.Generator().manual_seed(1), dtype=torch.float64)
+    A, C = b4m.orthogonal_prior(m, n, r, torch.Generator().manual_seed(1))
     assert A.shape == (m // 2, r) and C.shape == (r, n // 2)
     assert torch.allclose(A.T @ A + C @ C.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
 
 
 def test_random_prior_breaks_the_identity_at_the_same_scale():
-    A, C = b4m.random_prior(64, 64, 8, torch.Generator().manual_seed(1), dtype=torch.float64)
+    A, C = b4m.random_prior(64, 64, 8, torch.Generator().manual_seed(1))
     G = A.T @ A + C @ C.T
     assert not torch.allclose(G, torch.eye(8, dtype=torch.float64), atol=0.1)
     assert G.diagonal().mean().item() == pytest.approx(1.0, abs=0.25)  # same scale, not orthonormal
@@ -413,7 +413,8 @@ def bad_inputs(tmp):
         (["--model", tmp / "notapipeline"], None, ["--model", "model_index.json"]),
         (["--model", "nobody/no-such-model"], None, ["--model nobody/no-such-model", "not in the local", "cache"]),
         (["--out", tmp / "afile"], None, ["--out", "is a file"]),
-        (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "--scale-grid", "lora-merge"]),
+        (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "only for B4M", "lora-merge"]),
+        (["--baseline", "lora-merge", "--no-mcp"], None, ["--no-mcp", "only for B4M", "lora-merge"]),
         (["--bogus"], None, ["unrecognized arguments: --bogus"]),
     ]
 
@@ -431,7 +432,7 @@ def test_bad_inputs_one_line_exit_2_before_any_model_loads(tmp_path, capsys, no_
         assert code == 2 and last.startswith("b4m: error: "), (extra, err)
         assert all(w in last for w in map(str, words)), (words, last)
         assert not (tmp_path / "out").exists()
-    assert len(cases) == 28
+    assert len(cases) == 29
 
 
 def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
@@ -603,12 +604,16 @@ def test_non_finite_loss_stops_and_keeps_saved_stages(tmp_path, capsys):
 
 
 def test_adapters_for_another_model_rank_or_method_are_refused(sd_run, tmp_path, capsys):
+    made = load(sd_run / "b4m" / b4m.WEIGHTS)
+    first = sorted(made)[0]
     for name, sd, meta, words in [
         ("rank", b4m.lora_state_dict(b4m.add_plp(tiny_unet(), 2, 0)), {"rank": 2}, ["made with rank=2", "rank=4"]),
-        ("method", load(sd_run / "b4m" / b4m.WEIGHTS), {"method": "lora-merge"}, ["made with method=lora-merge"]),
-        ("model", {"unet.up_blocks.9.to_q.lora_A.weight": torch.zeros(4, 64)}, {}, ["up_blocks.9.to_q", "not in this model"]),
-        ("shape", {k: torch.zeros(4, 7) if "lora_A" in k else v for k, v in load(sd_run / "b4m" / b4m.WEIGHTS).items()},
-         {}, ["has shape (4, 7)", "another model"]),
+        ("method", made, {"method": "lora-merge"}, ["made with method=lora-merge"]),
+        ("extra", {**made, "unet.up_blocks.9.to_q.lora_A.weight": torch.zeros(4, 64)}, {},
+         ["has an unknown key unet.up_blocks.9.to_q.lora_A.weight", "another model"]),
+        ("missing", {k: v for k, v in made.items() if k != first}, {}, [f"has no key {first}", "another model"]),
+        ("shape", {k: torch.zeros(4, 7) if "lora_A" in k else v for k, v in made.items()},
+         {}, ["V (4, 7)", "another model"]),
     ]:
         out = tmp_path / name
         shutil.copytree(sd_run, out)
