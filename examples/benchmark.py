@@ -1,0 +1,231 @@
+"""What does B4M's partly learnable projection (PLP) cost? A report, not a test: it always exits 0.
+
+    python examples/benchmark.py [--rank 16] [--repeats 15] [--threads N] [--model ID_OR_FOLDER]
+
+One process, one randomly initialised mid-size UNet. In each comparison the variants run round-robin
+(A, B, C, A, B, C, ...), so slow drifts of the machine hit all of them alike, and each number is a
+median after warm-up. The ratios are the result; absolute times are only context.
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # set before transformers loads: no torchvision notices
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import b4m  # noqa: E402
+
+LATENT, CROSS_DIM, SAMPLE_STEPS = 32, 256, 8
+SPREADS = []  # (max - min) / median of every variant timed: the noise level the ratios must beat
+
+
+def mid_unet():
+    """Shaped like SD's UNet but small: one forward+backward at batch 1 takes 0.15-0.25 s on 2 cores."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=LATENT, block_out_channels=(64, 128, 256), layers_per_block=1, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM).requires_grad_(False)
+
+
+def interleaved(runs, repeats, warmup=2):
+    """runs: {name: fn that does its own untimed setup and returns the seconds it timed}."""
+    times = {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name, run in runs.items():
+            elapsed = run()
+            if i >= warmup:
+                times[name].append(elapsed)
+    SPREADS.extend((max(t) - min(t)) / statistics.median(t) for t in times.values())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def row(label, seconds, ratio, unit="x{:.3f}"):
+    print(f"  {label:50} {seconds * 1e3:9.1f} ms   {unit.format(ratio)}")
+
+
+def unet_inputs(unet, latent):
+    """Random latents, timestep and text conditioning of the right shapes (SDXL's extra inputs too)."""
+    cfg, g = unet.config, torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, latent, latent, generator=g)
+    kw = dict(timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, cfg.cross_attention_dim, generator=g))
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        size = 8.0 * latent
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                   "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]])}
+    return x, kw
+
+
+def fwd_bwd(unet, x, kw, params):
+    def run():
+        for p in params:
+            p.grad = None  # fresh gradients every time, as after optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        unet(x, **kw).sample.square().mean().backward(inputs=params)
+        return time.perf_counter() - t0
+    return run
+
+
+def fwd_bwd_section(unet, rank, repeats, latent, title):
+    """Frozen (gradient w.r.t. the input only: every activation gradient, no weight gradient, the
+    floor no adapter can beat) vs peft LoRA vs PLP, on copies holding the same frozen weights."""
+    from peft import LoraConfig
+
+    lora, plp = copy.deepcopy(unet), copy.deepcopy(unet)
+    lora.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(b4m.TARGETS)))
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+    layers = b4m.add_plp(plp, rank, seed=0)
+    plp_params = [p for layer in layers.values() for p in (layer.B, layer.D)]
+    x, kw = unet_inputs(unet, latent)
+    x_in = x.clone().requires_grad_(True)
+    t = interleaved({"frozen": fwd_bwd(unet, x_in, kw, [x_in]), "lora": fwd_bwd(lora, x, kw, lora_params),
+                     "plp": fwd_bwd(plp, x, kw, plp_params)}, repeats)
+    print(f"forward+backward, {title} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params), "
+          f"batch 1, latent {latent}x{latent}; ratio to frozen")
+    row("frozen, gradient w.r.t. the input only", t["frozen"], 1.0)
+    row(f"peft LoRA r={rank}, gradient into lora_A, lora_B", t["lora"], t["lora"] / t["frozen"])
+    row(f"b4m PLP r={rank}, gradient into B, D", t["plp"], t["plp"] / t["frozen"])
+    print(f"  {'PLP / peft LoRA':50} {'':12}   x{t['plp'] / t['lora']:.3f}")
+    return t, lora_params, layers, plp_params
+
+
+def optimizer_section(layers, params, t_plp, repeats):
+    """One RiemannianAdamW step vs one AdamW step, the same B and D, the same fake gradients."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+    riem, adamw = b4m.RiemannianAdamW(layers.values()), torch.optim.AdamW(params)
+
+    def step(opt):
+        def run():
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()  # RiemannianAdamW overwrites p.grad with its preconditioned value
+            t0 = time.perf_counter()
+            opt.step()
+            return time.perf_counter() - t0
+        return run
+
+    o = interleaved({"adamw": step(adamw), "riem": step(riem)}, repeats)
+    print(f"\noptimizer step over the {len(params)} B, D tensors; share of one PLP forward+backward")
+    row("torch.optim.AdamW", o["adamw"], 100 * o["adamw"] / t_plp, "{:6.2f} %")
+    row("b4m.RiemannianAdamW (precondition + AdamW)", o["riem"], 100 * o["riem"] / t_plp, "{:6.2f} %")
+    row("added by preconditioning", o["riem"] - o["adamw"], 100 * (o["riem"] - o["adamw"]) / t_plp, "{:6.2f} %")
+    return riem, (o["riem"] - o["adamw"]) / t_plp
+
+
+def memory_section(riem, plp_params, lora_params, rank):
+    """Trainable parameters and AdamW state after one step (Adam allocates its state at the first)."""
+    peft_opt = torch.optim.AdamW(lora_params)
+    for p in lora_params:
+        p.grad = torch.zeros_like(p)
+    peft_opt.step()
+
+    def state_bytes(opt, keys=("exp_avg", "exp_avg_sq", "step")):
+        return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k in keys)
+
+    moments = ("exp_avg", "exp_avg_sq")
+    print(f"\n{f'memory at rank {rank}':52} {'PLP':>11} {'peft LoRA':>11}   PLP / LoRA")
+    for label, a, b in [("trainable parameters", sum(p.numel() for p in plp_params), sum(p.numel() for p in lora_params)),
+                        ("AdamW moments (exp_avg, exp_avg_sq), bytes", state_bytes(riem, moments), state_bytes(peft_opt, moments)),
+                        ("all state (moments + a 4-byte step each), bytes", state_bytes(riem), state_bytes(peft_opt))]:
+        print(f"  {label:50} {a:11,d} {b:11,d}   {a / b:.6f}")
+    return state_bytes(riem, moments), state_bytes(peft_opt, moments)
+
+
+def sampling_section(unet, rank, repeats):
+    """The tiny SD pipeline's VAE, tokenizer and scheduler, a 256-wide text encoder (to match the
+    UNet's cross-attention) and the mid-size UNet: plain, and with a random rank-r LoRA fused in."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tiny = b4m.tiny_pipeline("sd")
+    text = copy.deepcopy(tiny.text_encoder.config)
+    text.hidden_size, text.intermediate_size, text.projection_dim = CROSS_DIM, 2 * CROSS_DIM, CROSS_DIM
+    parts = {**tiny.components, "text_encoder": CLIPTextModel(text).eval()}
+    base, fused = (StableDiffusionPipeline(**{**parts, "unet": copy.deepcopy(unet)}, requires_safety_checker=False)
+                   for _ in range(2))
+    sd = b4m.lora_state_dict(b4m.add_plp(copy.deepcopy(unet), rank, seed=1))  # diffusers' LoRA key layout
+    fused.load_lora_weights(sd)
+    fused.fuse_lora()
+    latents = {}
+
+    def sample(name, pipe):
+        # Prompt encoding + denoising loop (CFG: batch 2 per step). The VAE decode is left out: it
+        # costs the same in both and would only dilute the ratio.
+        def run():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                latents[name] = pipe("a photo of a dog", num_inference_steps=SAMPLE_STEPS, height=8 * LATENT,
+                                     width=8 * LATENT, generator=torch.Generator().manual_seed(0),
+                                     output_type="latent").images
+            return time.perf_counter() - t0
+        pipe.set_progress_bar_config(disable=True)
+        return run
+
+    s = interleaved({"base": sample("base", base), "fused": sample("fused", fused)}, repeats)
+    print(f"\nsampling, {SAMPLE_STEPS} steps, CFG, {8 * LATENT}x{8 * LATENT} px, to latents (no VAE decode); ratio to base")
+    row("base pipeline", s["base"], 1.0)
+    row(f"load_lora_weights(r={rank}) + fuse_lora()", s["fused"], s["fused"] / s["base"])
+    change = (latents["fused"] - latents["base"]).abs().max().item()
+    print(f"  (the fused LoRA changes the latents by up to {change:.3g}: it is really applied)")
+    return s["fused"] / s["base"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per variant, after 2 warm-up runs")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--model", help="also time this pipeline's UNet, forward+backward only (folder or hub id)")
+    p.add_argument("--model-latent", type=int, default=32, help="latent size for --model (default 32)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started, r = time.perf_counter(), args.rank
+    import diffusers
+    import peft
+
+    diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder": none are meant to be
+    print("$ python " + " ".join(sys.argv))
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, b4m {b4m.__version__}; "
+          f"{args.threads} threads, rank {r}, median of {args.repeats} after 2 warm-up")
+    # A second busy process on these cores skews ratios by 10-30% and times by up to 30x: see the spread at the end.
+    print(f"1-minute load average before the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+
+    unet = mid_unet()
+    t, lora_params, layers, plp_params = fwd_bwd_section(unet, r, args.repeats, LATENT, "mid-size UNet")
+    riem, added = optimizer_section(layers, plp_params, t["plp"], args.repeats)
+    m_plp, m_lora = memory_section(riem, plp_params, lora_params, r)
+    fused = sampling_section(unet, r, args.repeats)
+    if args.model:  # a real model's sampling would take minutes on a CPU: forward+backward only
+        from diffusers import UNet2DConditionModel
+
+        print()
+        big = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").requires_grad_(False)
+        fwd_bwd_section(big, r, args.repeats, args.model_latent, f"{args.model} UNet")
+
+    print("\ntargets")
+    for ok, label, value in [
+            (t["plp"] <= 1.05 * t["lora"], "PLP fwd+bwd <= 1.05 x peft LoRA, same rank", f"x{t['plp'] / t['lora']:.3f}"),
+            (t["plp"] <= 1.10 * t["frozen"], f"PLP fwd+bwd <= 1.10 x frozen floor (r={r}; target is at r=16)",
+             f"x{t['plp'] / t['frozen']:.3f}"),
+            (added <= 0.02, "preconditioning adds <= 2% of a fwd+bwd over AdamW", f"{100 * added:.2f} %"),
+            (2 * m_plp == m_lora, "AdamW moments exactly 1/2 of peft LoRA's", f"{m_plp / m_lora:.6f}"),
+            (fused <= 1.02, "fused sampling <= 1.02 x base", f"x{fused:.3f}")]:
+        print(f"  {'PASS' if ok else 'MISS'}  {label:60} {value}")
+    noise = max(SPREADS)
+    print(f"\nworst run-to-run spread (max - min) / median: {100 * noise:.0f} %"
+          + ("  WARNING: a noisy machine, ratios this close to a target are unreliable" if noise > 0.2 else ""))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
