@@ -528,6 +528,21 @@ def open_image(path, resolution):
         return ImageOps.fit(img.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
 
 
+def image_files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_images(paths, resolution):
+    """The readable ones, each unreadable file named in a warning and skipped."""
+    images = []
+    for path in paths:
+        try:
+            images.append(open_image(path, resolution))
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
+    return images
+
+
 def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     """(pixels in [-1, 1] of shape N x 3 x H x W, prompt). Unreadable images are skipped with a
     warning naming each; a folder with none left, or with no prompt, is a UsageError."""
@@ -535,7 +550,6 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     if not folder.is_dir():
         raise UsageError(f"{flag} {folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
                          f"pass a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if prompt is None and (folder / "prompt.txt").is_file():
         prompt = (folder / "prompt.txt").read_text(encoding="utf-8").strip()
         if not prompt:
@@ -545,12 +559,7 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     prompt = default_prompt if prompt is None else prompt.strip()
     if prompt is None:
         raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one holding its prompt")
-    images = []
-    for path in files:
-        try:
-            images.append(open_image(path, resolution))
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
+    images = read_images(image_files(folder), resolution)
     if not images:
         raise UsageError(f"{flag} {folder}: no readable image (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                          f"add at least one image")

@@ -9,7 +9,6 @@ For each run's samples/b4m_*.png (images of the combined prompt):
 Raw cosines in [-1, 1] (CLIPScore would report 2.5 * max(cos, 0); papers often report 100 * cos).
 Writes RUN/metrics.json and prints one table row per run.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,22 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # b4m.py sits one folder up
 # Reuse b4m's reader (EXIF-upright, transparency on white, centre crop) so the content and style
 # images are scored as training saw them, and its atomic writer (temp file, then os.replace).
-from b4m import IMAGE_SUFFIXES, UsageError, open_image, save_json  # noqa: E402
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like b4m.py (argparse prints the usage block first)
-        raise UsageError(message)
-
-
-def read_images(paths, resolution):
-    images = []
-    for path in paths:
-        try:
-            images.append(open_image(path, resolution))
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
-    return images
+from b4m import Parser, UsageError, image_files, read_images, save_json  # noqa: E402
 
 
 def read_run(run):
@@ -53,8 +37,7 @@ def read_run(run):
                          f"`python b4m.py sample --run {run}`")
     refs = []
     for key, folder in folders.items():  # as given to b4m.py: a relative path is to the folder it ran in
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        refs.append(read_images(files, resolution))
+        refs.append(read_images(image_files(folder) if folder.is_dir() else [], resolution))
         if not refs[-1]:
             raise UsageError(f"{run}: its {key} folder {folder} (config.json) has no readable image; run "
                              f"evaluate.py from the folder b4m.py ran in, or fix settings.{key}")
