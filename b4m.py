@@ -175,7 +175,10 @@ def rank_limit(denoiser):
 def riemannian_precondition(up, down, grad_B, grad_D, delta=1e-6):
     """Precondition any block of rows of dL/dU (grad_B) and any block of columns of dL/dV (grad_D).
     The r x r factors act on the rank side, so slicing before or after preconditioning is the same;
-    with the full gradients this is plain Riemannian LoRA. Works batched over a leading dim."""
+    with the full gradients this is plain Riemannian LoRA. Works batched over a leading dim.
+    delta is absolute: under the orthogonal prior U^T U and V V^T are O(1) (A^T A + C C^T = I), so
+    1e-6 is already small against them; it only guards ranks above m//2 or n//2, where A or C alone
+    cannot fill r dimensions."""
     eye = delta * torch.eye(up.shape[-1], dtype=up.dtype, device=up.device)
     grad_B = torch.linalg.solve(down @ down.mT + eye, grad_B, left=False)
     grad_D = torch.linalg.solve(up.mT @ up + eye, grad_D)
