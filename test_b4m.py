@@ -544,6 +544,7 @@ def test_resume_keeps_finished_stages_and_refuses_other_settings(sd_run, tmp_pat
     assert {s: (out / s / b4m.WEIGHTS).read_bytes() for s in ("content", "style")} == kept
     assert (out / "b4m" / b4m.WEIGHTS).read_bytes() == made  # the same make, redone
     assert (out / "losses.csv").read_text() == (sd_run / "losses.csv").read_text()
+    assert set(json.loads((out / "report.json").read_text())["seconds"]) == {"content", "style", "b4m"}
 
 
 def test_overwrite_replaces_a_run(sd_run, tmp_path, capsys):
@@ -887,3 +888,20 @@ def test_training_loop_runs_only_the_unet_two_forwards_per_break_step(tmp_path, 
     assert sizes == [2, 4] * 6 + [2, 2] * 6 + [4] * 4
     outside = [c for c in calls if not c[1] and c[0] == "vae_encoder"]
     assert len(outside) == 4  # content, style and 2 aux sets of 4 images: one encode each, before the loop
+
+
+def test_sampling_again_replaces_the_samples(sd_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sd_run, run)
+    code, err = run_b4m(["sample", "--run", run, "--num-samples", "1"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["b4m_0.png", "content_0.png", "grid.png", "style_0.png"]
+
+
+def test_a_pipeline_that_is_not_text_to_image_is_refused(tmp_path, capsys):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    StableDiffusionImg2ImgPipeline(**b4m.tiny_pipeline("sd").components).save_pretrained(tmp_path / "img2img")
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model",
+                         tmp_path / "img2img", "--rank", "4", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "a StableDiffusionImg2ImgPipeline; b4m needs an SD 1.x/2.x or SDXL text-to-image" in err
