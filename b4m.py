@@ -160,12 +160,6 @@ def seeded(seed, name):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def rank_limit(denoiser):
-    """The largest rank every adapted layer allows (m//2 + n//2 >= r, section 2)."""
-    return min(m.out_features // 2 + m.in_features // 2 for n, m in denoiser.named_modules()
-               if is_target(n, m) and isinstance(m, nn.Linear))
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. Riemannian preconditioned step (Zhang & Pilanci 2024; used by make, section 5)
 #       G_B <- G_B (V V^T + delta I)^-1,      G_D <- (U^T U + delta I)^-1 G_D,      then AdamW
@@ -385,10 +379,9 @@ def make_stage(pipe, noise_scheduler, content, style, content_sd, style_sd, args
     """The made adapter, saved as stage "b4m": reassembled, then B and D fine-tuned together."""
     layers = add_plp(pipe.unet, args.rank, args.seed)
     load_plp_state(layers, reassemble(content_sd, style_sd))  # all four blocks: the draw is replaced
-    optimizer = RiemannianAdamW(layers.values(), lr=args.make_lr)
-    if args.no_precondition:
-        optimizer = torch.optim.AdamW(optimizer.param_groups[0]["params"], lr=args.make_lr)
-    params = optimizer.param_groups[0]["params"]
+    params = [p for layer in layers.values() for p in (layer.B, layer.D)]
+    optimizer = (torch.optim.AdamW(params, lr=args.make_lr) if args.no_precondition else
+                 RiemannianAdamW(layers.values(), lr=args.make_lr))
     objectives = [([content, style], params, torch.sum)]  # L_content + L_style, one forward
     train("b4m", args.make_steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
           lambda: lora_state_dict(layers))
@@ -709,8 +702,9 @@ def check_model(model, rank):
 
 
 def check_rank(rank, unet):
-    if rank > rank_limit(unet):
-        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {rank_limit(unet)}")
+    limit = min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
+    if rank > limit:  # m//2 + n//2 >= r for every adapted layer (section 2)
+        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {limit}")
 
 
 def check_hub_id(model):
