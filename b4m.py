@@ -230,6 +230,7 @@ class RiemannianAdamW(torch.optim.AdamW):
 #       L = || eps_theta(z_t, t, c) - target ||^2,  target = eps or v (scheduler.get_velocity)
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, resolution):
     """Denoiser conditioning for a list of prompts, batched: {'encoder_hidden_states': ..., and for
@@ -258,8 +259,7 @@ def encode_set(pipe, pixels, prompt, resolution):
     if dtype != torch.float32:
         vae.to(dtype=dtype)
     sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
-    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "prompt": prompt,
-            "cond": encode_prompts(pipe, [prompt], resolution)}
+    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "cond": encode_prompts(pipe, [prompt], resolution)}
 
 
 def denoise(unet, z_t, t, cond):
