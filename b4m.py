@@ -11,7 +11,8 @@ Sections, in the method's order: 1. a LoRA `dW = U V` split into frozen and trai
 2. the frozen halves cut from one orthonormal basis; 3. the Riemannian-preconditioned AdamW;
 4. break: one PLP learns the content in the down projection, another the style in the up
 projection; 5. make: the two reassembled into one LoRA and fine-tuned briefly with 3.; 6. sample:
-the result is an ordinary diffusers LoRA; 7. the command line.
+the result is an ordinary diffusers LoRA. Sections 1-6 take plain values and touch no files; around
+them: 7. files (image folders in; adapters, checkpoints, samples out), 8. models, 9. the command line.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -20,9 +21,11 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,18 +36,22 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection of the UNet
-
-
-class UsageError(Exception):
-    """Bad input or a run that cannot go on: main() prints it as one line and exits with code 2."""
 
 # ---------------------------------------------------------------------------------------------
 # 1. Partly learnable projection (PLP)
 #       U = [A; B]  (m x r),  V = [C, D]  (r x n),  dW = U V = [[A C, A D], [B C, B D]]
-#       A: first m//2 rows of U, C: first n//2 columns of V, both frozen; B and D are learned.
+#       A: the first m_f = m // 2 rows of U, C: the first n_f = n // 2 columns of V, both frozen;
+#       B and D, the rest, are learned.
 # ---------------------------------------------------------------------------------------------
+
+
+def halves(U, V):
+    """(A, B, C, D) of a LoRA pair U (m x r), V (r x n): A = U[:m_f], B = U[m_f:], C = V[:, :n_f],
+    D = V[:, n_f:], with m_f = m // 2 frozen rows of U and n_f = n // 2 frozen columns of V."""
+    m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
+    return U[:m_f], U[m_f:], V[:, :n_f], V[:, n_f:]
 
 
 class PLPLinear(nn.Module):
@@ -112,26 +119,26 @@ def lora_state_dict(layers):
     return sd
 
 
+@torch.no_grad()
 def load_plp_state(layers, sd):
-    with torch.no_grad():
-        for name, layer in layers.items():
-            U, V = sd[f"unet.{name}.lora_B.weight"], sd[f"unet.{name}.lora_A.weight"]
-            m_f, n_f = layer.A.shape[0], layer.C.shape[1]
-            for t, value in ((layer.A, U[:m_f]), (layer.B, U[m_f:]), (layer.C, V[:, :n_f]), (layer.D, V[:, n_f:])):
-                t.copy_(value)
-
+    """All four blocks of every layer from a LoRA state dict: the scaffold drawn at init is replaced."""
+    for name, layer in layers.items():
+        U, V = sd[f"unet.{name}.lora_B.weight"], sd[f"unet.{name}.lora_A.weight"]
+        for block, value in zip((layer.A, layer.B, layer.C, layer.D), halves(U, V)):
+            block.copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. Orthogonal prior
-#       Q = qr(N(0, 1)^{(m//2 + n//2) x r}),  A = Q[:m//2],  C = Q[m//2:]^T   =>   A^T A + C C^T = I_r
+#       Q = qr(N(0, 1)^{(m_f + n_f) x r}),  A = Q[:m_f],  C = Q[m_f:]^T   =>   A^T A + C C^T = I_r
+#       (b4m draws it for every adapted layer; the official scripts only for some, see the README)
 # ---------------------------------------------------------------------------------------------
 
 
 def check_layer_rank(out_features, in_features, rank):
     if rank < 1 or out_features // 2 + in_features // 2 < rank:
-        raise ValueError(f"rank must be between 1 and out_features//2 + in_features//2 = "
-                         f"{out_features // 2 + in_features // 2} for a {out_features}x{in_features} layer, got {rank}")
+        raise ValueError(f"rank must be between 1 and m_f + n_f = {out_features // 2 + in_features // 2} "
+                         f"for a {out_features}x{in_features} layer, got {rank}")
 
 
 def orthogonal_prior(out_features, in_features, rank, generator=None):
@@ -171,7 +178,7 @@ def riemannian_precondition(up, down, grad_B, grad_D, delta=1e-6):
     The r x r factors act on the rank side, so slicing before or after preconditioning is the same;
     with the full gradients this is plain Riemannian LoRA. Works batched over a leading dim.
     delta is absolute: under the orthogonal prior U^T U and V V^T are O(1) (A^T A + C C^T = I), so
-    1e-6 is already small against them; it only guards ranks above m//2 or n//2, where A or C alone
+    1e-6 is already small against them; it only guards ranks above m_f or n_f, where A or C alone
     cannot fill r dimensions."""
     eye = delta * torch.eye(up.shape[-1], dtype=up.dtype, device=up.device)
     grad_B = torch.linalg.solve(down @ down.mT + eye, grad_B, left=False)
@@ -185,41 +192,32 @@ class RiemannianAdamW(torch.optim.AdamW):
     Why: the first-order change of dW under a preconditioned step depends only on the column space
     of U and the row space of V, so it is the same for every factorisation (U M, M^-1 V) of dW.
     Plain gradients are not: they favour whichever factor happens to be larger. The preconditioners
-    use the full U and V (frozen A and C included). The official script gave its optimizer only the
-    last attention layer's pair; here every layer is. p.grad is replaced by its preconditioned value,
-    as gradient clipping does. Same math as riemannian_precondition, organised for speed (1.5% of a
-    forward+backward over plain AdamW in examples/benchmark.py): layers of one shape are solved in one batched
-    call, and since A and C never change, U^T U = A^T A + B^T B and V V^T = C C^T + D D^T reuse the
-    frozen Gram matrices computed here once.
+    use the full U and V (frozen A and C included), read afresh at every step. Layers of one shape
+    go through riemannian_precondition in one batched call. Two parameter groups, all B and all D:
+    the two trained halves, each clipped on its own by the training loop. (The official make
+    script's preconditioned step ran after the gradients had been zeroed, so it never acted.)
     """
 
     def __init__(self, layers, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=1e-6):
-        self.layers, self.delta, self.groups = list(layers), delta, {}
-        for layer in self.layers:
-            self.groups.setdefault((layer.A.shape, layer.C.shape, layer.B.dtype, layer.B.device), []).append(layer)
-        self.frozen = {key: (torch.stack([layer.A.mT @ layer.A for layer in group]),
-                             torch.stack([layer.C @ layer.C.mT for layer in group]))
-                       for key, group in self.groups.items()}
-        params = [p for layer in self.layers for p in (layer.B, layer.D)]
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.delta, self.shapes = delta, {}
+        for layer in layers:
+            self.shapes.setdefault((layer.A.shape, layer.C.shape), []).append(layer)
+        layers = [layer for group in self.shapes.values() for layer in group]
+        super().__init__([{"params": [layer.B for layer in layers]}, {"params": [layer.D for layer in layers]}],
+                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @torch.no_grad()
-    def precondition(self):
-        for key, group in self.groups.items():
-            if any(layer.B.grad is None or layer.D.grad is None for layer in group):
-                raise ValueError("RiemannianAdamW: every layer needs gradients for both B and D")
-            AtA, CCt = self.frozen[key]
-            B, D = torch.stack([layer.B for layer in group]), torch.stack([layer.D for layer in group])
-            eye = self.delta * torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
-            gB = torch.linalg.solve(CCt + D @ D.mT + eye, torch.stack([layer.B.grad for layer in group]), left=False)
-            gD = torch.linalg.solve(AtA + B.mT @ B + eye, torch.stack([layer.D.grad for layer in group]))
-            torch._foreach_copy_([layer.B.grad for layer in group], list(gB))
-            torch._foreach_copy_([layer.D.grad for layer in group], list(gD))
-
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("RiemannianAdamW needs the gradients before the step: call backward(), then step()")
-        self.precondition()
+        for group in self.shapes.values():
+            if any(layer.B.grad is None or layer.D.grad is None for layer in group):
+                raise ValueError("RiemannianAdamW: every layer needs gradients for both B and D")
+            stack = lambda get: torch.stack([get(layer) for layer in group])  # noqa: E731
+            grads = riemannian_precondition(stack(lambda l: l.up), stack(lambda l: l.down), stack(lambda l: l.B.grad),
+                                            stack(lambda l: l.D.grad), self.delta)
+            for layer, gB, gD in zip(group, *grads):
+                layer.B.grad, layer.D.grad = gB, gD  # p.grad replaced by its preconditioned value
         return super().step()
 
 
@@ -245,9 +243,9 @@ def encode_prompts(pipe, prompts, resolution):
 
 
 @torch.no_grad()
-def encode_set(pipe, pixels, prompt, resolution):
+def encode_set(pipe, pixels, prompt):
     """Everything the loop needs from the VAE and the text encoders, computed once: the latent
-    posterior (mean, std) of every image and the prompt's conditioning."""
+    posterior (mean, std) of every image (N x 3 x H x W in [-1, 1]) and the prompt's conditioning."""
     vae, dtype = pipe.vae, pipe.vae.dtype
     if dtype != torch.float32:
         vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
@@ -259,7 +257,8 @@ def encode_set(pipe, pixels, prompt, resolution):
     if dtype != torch.float32:
         vae.to(dtype=dtype)
     sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
-    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "cond": encode_prompts(pipe, [prompt], resolution)}
+    cond = encode_prompts(pipe, [prompt], pixels.shape[-1])
+    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "cond": cond}
 
 
 def denoise(unet, z_t, t, cond):
@@ -289,60 +288,78 @@ def set_losses(unet, noise_scheduler, sets, batch_size, generator):
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)).view(len(sets), -1).mean(1)
 
 
-def train(stage, steps, unet, noise_scheduler, objectives, optimizer, args, log, snapshot):
-    """The one training loop of every stage. objectives: [(sets, params, reduce), ...]; each
-    objective's loss is backpropagated into its own params only (Tensor.backward(inputs=...)),
-    which is the exact gradient routing of section 4. snapshot() returns the current adapter,
-    saved as a partial checkpoint on Ctrl-C."""
-    generator = seeded(args.seed, stage)
+def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, batch_size, grad_accum,
+          max_grad_norm, state=None, on_step=None, desc=None):
+    """The one training loop of every stage; returns the loss log [[step, loss, aux loss], ...].
+    objectives: [(sets, params, reduce), ...]; each objective's loss is backpropagated into its own
+    params only (Tensor.backward(inputs=...)), which is the exact gradient routing of section 4.
+    Each optimizer param group (a trained half) is clipped to max_grad_norm (0: off), as the
+    official scripts clip each half. state: what a checkpoint holds (loop_state below), to continue
+    exactly where it was taken. on_step(step, loop_state) runs after every optimizer step; it may
+    save the state, or raise to stop the loop between two steps."""
     # fp16 models: backward through fp16 activations underflows without loss scaling (as in diffusers'
-    # scripts). A no-op otherwise. RiemannianAdamW preconditions inside step(), after the unscale.
+    # scripts). A no-op otherwise. Clipping and preconditioning see the unscaled gradients.
     scaler = torch.amp.GradScaler(unet.device.type, enabled=unet.dtype == torch.float16)
-    bar = tqdm(range(1, steps + 1), desc=stage, dynamic_ncols=True)
-    step = 0
-    try:
-        for step in bar:
-            totals = [0.0] * len(objectives)
-            for _ in range(args.grad_accum):
-                for j, (sets, params, reduce) in enumerate(objectives):
-                    loss = reduce(set_losses(unet, noise_scheduler, sets, args.batch_size, generator))
-                    scaler.scale(loss / args.grad_accum).backward(inputs=params)
-                    totals[j] += loss.item() / args.grad_accum
-            if not all(math.isfinite(v) for v in totals):
-                raise UsageError(f"{stage} stage, step {step}: the loss is not finite "
-                                 f"({', '.join(f'{v:.4g}' for v in totals)}); "
-                                 f"lower --lr/--aux-lr/--make-lr (adapters already saved are kept)")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            log.append([stage, step] + [f"{v:.6g}" for v in totals] + [""] * (2 - len(totals)))
-            bar.set_postfix(loss=f"{totals[0]:.4f}")
-    except KeyboardInterrupt:
-        path = Path(args.out) / stage / "partial.safetensors"
-        save_lora(path, snapshot(), adapter_metadata(args, stage, partial_step=step - 1))
-        print(f"\ninterrupted in the {stage} stage after {step - 1} steps; partial adapter saved to {path}.\n"
-              f"Run the same command with --resume to continue: finished stages are kept and the "
-              f"{stage} stage starts again.", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        bar.close()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    start, log = 0, []
+    if state:
+        if [tuple(p.shape) for p in params] != [tuple(v.shape) for v in state["params"]]:
+            raise ValueError("the checkpoint holds parameters of other shapes than this stage trains")
+        with torch.no_grad():
+            torch._foreach_copy_(params, [v.to(p.device) for p, v in zip(params, state["params"])])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        start, log = state["step"], list(state["log"])
+
+    def loop_state():  # everything that decides the rest of the stage
+        return {"step": step, "params": [p.detach().cpu().clone() for p in params], "log": log,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state()}
+
+    bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=desc, dynamic_ncols=True)
+    for step in bar:
+        totals = [0.0] * len(objectives)
+        for _ in range(grad_accum):
+            for j, (sets, own, reduce) in enumerate(objectives):
+                loss = reduce(set_losses(unet, noise_scheduler, sets, batch_size, generator))
+                scaler.scale(loss / grad_accum).backward(inputs=own)
+                totals[j] += loss.item() / grad_accum
+        if not all(math.isfinite(v) for v in totals):
+            bar.close()
+            raise FloatingPointError(f"step {step}: the loss is not finite ({', '.join(f'{v:.4g}' for v in totals)})")
+        scaler.unscale_(optimizer)
+        for group in optimizer.param_groups if max_grad_norm else ():
+            nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        log.append([step, *totals])
+        bar.set_postfix(loss=f"{totals[0]:.4f}")
+        if on_step:
+            on_step(step, loop_state)
+    bar.close()
+    return log
 
 
-def break_stage(stage, pipe, noise_scheduler, target, aux, args, log):
-    """Content stage: D learns the content set (lr), B the auxiliary style sets (aux lr).
-    Style stage: the mirror image. Returns the stage's adapter as a diffusers LoRA state dict."""
-    layers = add_plp(pipe.unet, args.rank, args.seed, random_prior if args.no_orth_prior else None)
+def break_stage(stage, unet, noise_scheduler, target, aux, *, rank, seed, steps, lr, aux_lr, mcp=True,
+                orth_prior=True, **loop):
+    """Content stage: D learns the target (content) set at lr, B the auxiliary style sets at aux_lr.
+    Style stage: the mirror image. target, aux: sets from encode_set. loop: train()'s keywords.
+    Returns (the stage's adapter as a diffusers LoRA state dict, the loss log)."""
+    layers = add_plp(unet, rank, seed, orthogonal_prior if orth_prior else random_prior)
     B = [layer.B for layer in layers.values()]
     D = [layer.D for layer in layers.values()]
     own, other = (D, B) if stage == "content" else (B, D)
-    optimizer = torch.optim.AdamW([{"params": own, "lr": args.lr}, {"params": other, "lr": args.aux_lr}])
+    optimizer = torch.optim.AdamW([{"params": own, "lr": lr}, {"params": other, "lr": aux_lr}])
     objectives = [([target], own, torch.mean)]
-    if not args.no_mcp:  # MCP: the other half learns to work with several partners
+    if mcp:  # MCP: the other half learns to work with several partners
         objectives.append((aux, other, torch.mean))
-    train(stage, args.steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
-          lambda: lora_state_dict(layers))
-    remove_plp(pipe.unet)
-    return lora_state_dict(layers)
+    try:
+        log = train(steps, unet, noise_scheduler, objectives, optimizer, seeded(seed, stage), desc=stage, **loop)
+    finally:
+        remove_plp(unet)
+    return lora_state_dict(layers), log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,18 +372,15 @@ def reassemble(content, style, content_scale=1.0, style_scale=1.0):
     """The made adapter: U = [A; s_s B_style], V = [C, s_c D_content]. A and C of the two break
     stages must be bit-identical, else the two halves were learned against different scaffolds."""
     made = {}
-    for key in content:
-        if not key.endswith("lora_B.weight"):
-            continue
-        down = key.replace("lora_B", "lora_A")
-        U, V = style[key], content[down]
-        m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
-        if not (torch.equal(U[:m_f], content[key][:m_f]) and torch.equal(V[:, :n_f], style[down][:, :n_f])):
-            raise UsageError(f"make: the frozen A/C of {key.removesuffix('.lora_B.weight')} differ between the "
-                             f"content and the style "
-                             f"adapter; both must come from the same --seed, --rank and prior")
-        made[key] = torch.cat([U[:m_f], style_scale * U[m_f:]])
-        made[down] = torch.cat([V[:, :n_f], content_scale * V[:, n_f:]], 1)
+    for up in (key for key in content if key.endswith("lora_B.weight")):
+        down = up.replace("lora_B", "lora_A")
+        A, B_style, C_style, _ = halves(style[up], style[down])
+        A_content, _, C, D_content = halves(content[up], content[down])
+        if not (torch.equal(A, A_content) and torch.equal(C, C_style)):
+            raise ValueError(f"make: the frozen A/C of {up.removesuffix('.lora_B.weight')} differ between the "
+                             f"content and the style adapter; both must come from the same seed, rank and prior")
+        made[up] = torch.cat([A, style_scale * B_style])
+        made[down] = torch.cat([C, content_scale * D_content], 1)
     return made
 
 
@@ -375,41 +389,41 @@ def scale_made(sd, content_scale, style_scale):
     return reassemble(sd, sd, content_scale, style_scale)
 
 
-def make_stage(pipe, noise_scheduler, content, style, content_sd, style_sd, args, log):
-    """The made adapter, saved as stage "b4m": reassembled, then B and D fine-tuned together."""
-    layers = add_plp(pipe.unet, args.rank, args.seed)
-    load_plp_state(layers, reassemble(content_sd, style_sd))  # all four blocks: the draw is replaced
-    params = [p for layer in layers.values() for p in (layer.B, layer.D)]
-    optimizer = (torch.optim.AdamW(params, lr=args.make_lr) if args.no_precondition else
-                 RiemannianAdamW(layers.values(), lr=args.make_lr))
-    objectives = [([content, style], params, torch.sum)]  # L_content + L_style, one forward
-    train("b4m", args.make_steps, pipe.unet, noise_scheduler, objectives, optimizer, args, log,
-          lambda: lora_state_dict(layers))
-    remove_plp(pipe.unet)
-    return lora_state_dict(layers)
+def make_stage(unet, noise_scheduler, content, style, content_sd, style_sd, *, rank, seed, steps, lr,
+               precondition=True, **loop):
+    """The made adapter: reassembled, then B and D fine-tuned together on L_content + L_style."""
+    made = reassemble(content_sd, style_sd)
+    layers = add_plp(unet, rank, seed)
+    load_plp_state(layers, made)
+    optimizer = (RiemannianAdamW(layers.values(), lr=lr) if precondition else
+                 torch.optim.AdamW([p for layer in layers.values() for p in (layer.B, layer.D)], lr=lr))
+    objectives = [([content, style], [p for g in optimizer.param_groups for p in g["params"]], torch.sum)]
+    try:  # L_content + L_style in one forward
+        log = train(steps, unet, noise_scheduler, objectives, optimizer, seeded(seed, "b4m"), desc="b4m", **loop)
+    finally:
+        remove_plp(unet)
+    return lora_state_dict(layers), log
 
 
-def lora_merge_stage(stage, pipe, noise_scheduler, data, args, log):
+def lora_stage(stage, unet, noise_scheduler, data, *, rank, seed, steps, lr, **loop):
     """Baseline (--baseline lora-merge): an ordinary peft LoRA, as the diffusers scripts train one."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=list(TARGETS)), adapter_name=stage)
-    params = [p for n, p in unet.named_parameters() if f".{stage}." in n]
-    for p in params:
-        p.data = p.data.float()  # adapters train in fp32 whatever the model's dtype
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-
-    def snapshot():
-        return {f"unet.{k}": v.detach().float().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items()}
-
-    train(stage, args.steps, unet, noise_scheduler, [([data], params, torch.mean)], optimizer, args, log, snapshot)
-    sd = snapshot()
-    unet.unload_lora()
-    return sd
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)), adapter_name=stage)
+    named = [(n, p) for n, p in unet.named_parameters() if f".{stage}." in n]
+    g = seeded(seed, stage)  # peft's "gaussian" init (A ~ N(0, 1/r^2), B = 0), from our own generator
+    for n, p in named:  # adapters train in fp32 whatever the model's dtype
+        p.data = torch.randn(p.shape, generator=g).to(p.device) / rank if "lora_A" in n else torch.zeros_like(p, dtype=torch.float32)
+    params = [p for _, p in named]
+    try:
+        log = train(steps, unet, noise_scheduler, [([data], params, torch.mean)], torch.optim.AdamW(params, lr=lr),
+                    g, desc=stage, **loop)
+        sd = {f"unet.{k}": v.detach().float().cpu().contiguous()
+              for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items()}
+    finally:
+        unet.unload_lora()
+    return sd, log
 
 
 def merge_loras(content, style):
@@ -423,6 +437,7 @@ def merge_loras(content, style):
 # ---------------------------------------------------------------------------------------------
 
 DRIFT_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table", "a portrait of an old man"]
+SCALES = (0.0, 0.5, 1.0, 1.5)
 
 
 @contextlib.contextmanager
@@ -436,11 +451,11 @@ def lora_loaded(pipe, sd):
         pipe.unet.unload_lora()
 
 
-def generate(pipe, sd, prompt, args):
+def generate(pipe, sd, prompt, *, num_samples, steps, resolution, seed):
     with lora_loaded(pipe, sd):
-        generator = torch.Generator(pipe.unet.device).manual_seed(args.seed)
-        return pipe(prompt, num_images_per_prompt=args.num_samples, num_inference_steps=args.sample_steps,
-                    height=args.resolution, width=args.resolution, generator=generator).images
+        generator = torch.Generator(pipe.unet.device).manual_seed(seed)
+        return pipe(prompt, num_images_per_prompt=num_samples, num_inference_steps=steps,
+                    height=resolution, width=resolution, generator=generator).images
 
 
 def image_grid(rows):
@@ -452,30 +467,10 @@ def image_grid(rows):
     return grid
 
 
-def own_prompts(args):
-    return {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
-
-
-def sample_run(pipe, adapters, args):
-    """samples/{content,style,b4m}_{i}.png and grid.png: one row each for content, style, b4m."""
-    out = Path(args.out) / "samples"
-    rows = []
-    for stage, sd in adapters.items():
-        images = generate(pipe, sd, own_prompts(args)[stage], args)
-        for i, im in enumerate(images):
-            save_image(out / f"{stage}_{i}.png", im)
-        rows.append(images)
-    save_image(out / "grid.png", image_grid(rows))
-
-
-SCALES = (0.0, 0.5, 1.0, 1.5)
-
-
-def scale_grid(pipe, made, args):
+def scale_grid(pipe, made, prompt, **sampling):
     """The made adapter at every pair of strengths. Rows: s_s; columns: s_c; one image each, same seed."""
-    one = argparse.Namespace(**{**vars(args), "num_samples": 1})
-    rows = [[generate(pipe, scale_made(made, s_c, s_s), args.prompt, one)[0] for s_c in SCALES] for s_s in SCALES]
-    return image_grid(rows)
+    one = {**sampling, "num_samples": 1}
+    return image_grid([[generate(pipe, scale_made(made, s_c, s_s), prompt, **one)[0] for s_c in SCALES] for s_s in SCALES])
 
 
 @torch.no_grad()
@@ -504,12 +499,17 @@ def drift_report(pipe, adapters, own_prompts, resolution, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: image folders in; every write atomic (temporary file in the same folder, then os.replace);
-# adapters in safetensors only (no pickle), in the key layout diffusers' load_lora_weights reads.
+# 7. Files: image folders in; every write atomic and durable (temporary file in the same folder,
+#    fsync, os.replace), with the umask's permissions; adapters in safetensors (no pickle), in
+#    diffusers' key layout and, beside it, in the kohya layout that ComfyUI and AUTOMATIC1111 read.
 # ---------------------------------------------------------------------------------------------
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
+WEIGHTS, CHECKPOINT = "pytorch_lora_weights.safetensors", "checkpoint.pt"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+class UsageError(Exception):
+    """Bad input or a run that cannot go on: main() prints it as one line and exits with code 2."""
 
 
 def open_image(path, resolution):
@@ -540,6 +540,17 @@ def read_images(paths, resolution):
     return images
 
 
+def read_prompt(path, flag):
+    """A prompt.txt: UTF-8, with or without the byte-order mark Windows Notepad writes."""
+    try:
+        prompt = path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not UTF-8 text; save it as UTF-8") from None
+    if not prompt:
+        raise UsageError(f"{flag} {path}: empty; write the set's prompt in it")
+    return prompt
+
+
 def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     """(pixels in [-1, 1] of shape N x 3 x H x W, prompt). Unreadable images are skipped with a
     warning naming each; a folder with none left, or with no prompt, is a UsageError."""
@@ -547,12 +558,10 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     if not folder.is_dir():
         raise UsageError(f"{flag} {folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
                          f"pass a folder of images")
-    if prompt is None and (folder / "prompt.txt").is_file():
-        prompt = (folder / "prompt.txt").read_text(encoding="utf-8").strip()
-        if not prompt:
-            raise UsageError(f"{flag} {folder}: prompt.txt is empty; write the set's prompt in it")
-    elif prompt is not None and not prompt.strip():
+    if prompt is not None and not prompt.strip():
         raise UsageError(f"{flag}-prompt: the prompt is empty; give a non-empty prompt")
+    if prompt is None and (folder / "prompt.txt").is_file():
+        prompt = read_prompt(folder / "prompt.txt", flag)
     prompt = default_prompt if prompt is None else prompt.strip()
     if prompt is None:
         raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one holding its prompt")
@@ -565,25 +574,36 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
     return pixels.float() / 127.5 - 1, prompt
 
 
-@contextlib.contextmanager
-def atomic(path):
+def write_file(path, data: bytes):
+    """All or nothing: a kill, a power cut or a full disk leaves the previous file (or none), never
+    half a file. open() creates files with the umask's permissions, like any other program's."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free some space or choose another --out") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
-def save_lora(path, sd, metadata):
-    from safetensors.torch import save_file
+def save_lora(folder, sd, metadata):
+    """folder/pytorch_lora_weights.safetensors (diffusers, peft keys) and folder/<stage>_kohya.safetensors
+    (kohya keys: lora_unet_<module>.lora_down/lora_up/alpha, alpha = rank so the scale stays 1).
+    One metadata key: safetensors writes several keys in a random order, and the same run must give
+    byte-identical files."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save
 
-    # One metadata key: safetensors writes several keys in a random order, and the same run must
-    # give byte-identical files.
-    with atomic(path) as tmp:
-        save_file(sd, tmp, metadata={"b4m": json.dumps(metadata, sort_keys=True)})
+    meta = {"b4m": json.dumps(metadata, sort_keys=True)}
+    write_file(Path(folder) / WEIGHTS, save(sd, metadata=meta))
+    write_file(Path(folder) / f"{metadata['stage']}_kohya.safetensors", save(convert_state_dict_to_kohya(sd), metadata=meta))
 
 
 def load_lora(path, unet, expect):
@@ -612,37 +632,50 @@ def load_lora(path, unet, expect):
     return sd, meta
 
 
+def save_checkpoint(path, state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_file(path, buf.getvalue())
+
+
+def load_checkpoint(path, settings):
+    """The stage's checkpoint if it was taken with these settings, else None (the stage starts over).
+    weights_only: tensors, numbers and strings are read back, never arbitrary pickled objects."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        print(f"warning: {path}: unreadable ({type(e).__name__}); the stage starts over", file=sys.stderr)
+        return None
+    return state if state.get("settings") == settings else None
+
+
 def save_image(path, image):
-    with atomic(path) as tmp:
-        image.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_file(path, buf.getvalue())
 
 
 def save_json(path, obj):
-    with atomic(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    write_file(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_csv(path, rows):
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([["stage", "step", "loss", "aux_loss"]] + rows)
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows([["stage", "step", "loss", "aux_loss"]] + rows)
+    write_file(path, buf.getvalue().encode())
 
 
-def adapter_metadata(args, stage, partial_step=None):
-    meta = {"stage": stage, "method": args.baseline, "rank": args.rank, "seed": args.seed,
-            "prior": "random" if args.no_orth_prior else "orthogonal", "base_model": args.model,
-            "version": __version__}
-    if partial_step is not None:
-        meta["partial_step"] = partial_step
-    return meta
+def csv_rows(stage, log):
+    return [[stage, step, *(f"{v:.6g}" for v in losses), *[""] * (2 - len(losses))] for step, *losses in log]
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: any diffusers SD 1.x/2.x/SDXL pipeline, or a tiny random one built here (offline demo)
+# 8. Models: any diffusers SD 1.x/2.x/SDXL pipeline, or a tiny random one built here (tests, offline)
 # ---------------------------------------------------------------------------------------------
 
 PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
-OFFICIAL = dict(rank=64, resolution=512, steps=1000, make_steps=1000, sample_steps=25, num_samples=4)
-TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
 
 
 def tiny_pipeline(kind):
@@ -677,6 +710,11 @@ def tiny_pipeline(kind):
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def rank_limit(unet):
+    """The largest rank every adapted layer allows: min over layers of m_f + n_f (section 2)."""
+    return min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
+
+
 def check_model(model, rank):
     """Fail fast, before any weights load: a preset, a local pipeline folder, or a cached/fetchable
     hub id, whose attention layers allow the rank (checked on a weightless 'meta' copy of the UNet)."""
@@ -702,13 +740,13 @@ def check_model(model, rank):
 
 
 def check_rank(rank, unet):
-    limit = min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
-    if rank > limit:  # m//2 + n//2 >= r for every adapted layer (section 2)
-        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {limit}")
+    if rank > rank_limit(unet):
+        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {rank_limit(unet)}")
 
 
 def check_hub_id(model):
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -716,8 +754,6 @@ def check_hub_id(model):
     except Exception:
         raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
                          f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
     if not isinstance(try_to_load_from_cache(model, "model_index.json"), str) and HF_HUB_OFFLINE:
         raise UsageError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"run `huggingface-cli download {model}` with network access, or pass a local folder")
@@ -729,15 +765,13 @@ def load_pipeline(model, device, dtype):
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        from diffusers import DiffusionPipeline
+        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         try:
             pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         except Exception as e:
             raise UsageError(f"--model {model}: could not load a diffusers pipeline ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); check the id/folder and network access")
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):  # not img2img, inpaint, ...
             raise UsageError(f"--model {model}: a {type(pipe).__name__}; b4m needs an SD 1.x/2.x or SDXL "
                              f"text-to-image pipeline")
@@ -753,15 +787,31 @@ def load_pipeline(model, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. CLI
+# 9. Command line: flags, checks, --resume and checkpoints around sections 1-6
 # ---------------------------------------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Settings that change what a stage learns; --resume refuses a run whose stored values differ.
-TRAINED_BY = ["model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum", "content", "style",
-              "content_prompt", "style_prompt", "aux_style", "aux_content", "no_orth_prior", "no_mcp", "dtype"]
-STAGE_KEYS = {"content": ["steps", "lr", "aux_lr"], "style": ["steps", "lr", "aux_lr"],
-              "b4m": ["steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition"]}
+# Every default, written once: the official recipe's values where it has one (the README's
+# "Differences from the official code" says where b4m departs); the tiny presets override a few.
+DEFAULTS = dict(model="stabilityai/stable-diffusion-xl-base-1.0", out="runs/b4m", rank=64, resolution=512,
+                steps=1000, make_steps=1000, batch_size=1, grad_accum=4, lr=1e-4, aux_lr=1e-5, make_lr=1e-4,
+                max_grad_norm=1.0, seed=0, checkpoint_every=100, sample_steps=25, num_samples=4)
+TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
+PROMPTS = {"content": "a photo of snq object", "style": "an image in w@z style", "b4m": "a snq object in w@z style"}
+# What --resume compares. RUN: any difference refuses the run. STAGES: a stage is kept, or continued
+# from its checkpoint, only while its own settings match too (a later stage depends on the earlier).
+RUN = ("model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum", "max_grad_norm", "content",
+       "style", "content_prompt", "style_prompt", "aux_style", "aux_content", "no_orth_prior", "no_mcp", "dtype")
+STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "lr", "aux_lr"),
+          "b4m": ("steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition")}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: training stopped between two steps, with a checkpoint written."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 def number(kind, ok, rule):
@@ -775,7 +825,7 @@ def number(kind, ok, rule):
 
 
 POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "> 0"), number(float, lambda v: v > 0, "> 0")
-STEPS = number(int, lambda v: v >= 0, ">= 0")
+STEPS, NON_NEGATIVE = number(int, lambda v: v >= 0, ">= 0"), number(float, lambda v: v >= 0, ">= 0")
 RESOLUTION = number(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
 
 
@@ -783,69 +833,78 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage block first)
         raise UsageError(message)
 
+    def add(self, flag, text="", **kw):
+        """A flag whose default lives in DEFAULTS (and TINY): filled in after parsing, named in the help."""
+        key = flag[2:].replace("-", "_")
+        tiny = f"; tiny: {TINY[key]}" if key in TINY else ""
+        self.add_argument(flag, help=f"{text} (default {DEFAULTS[key]}{tiny})".lstrip(), **kw)
 
-def common_flags(p):
-    p.add_argument("--prompt", help="combined prompt for the made adapter (default: 'a snq object in w@z style')")
-    p.add_argument("--num-samples", type=POSITIVE_INT, help="images per prompt (default 4; tiny: 2)")
-    p.add_argument("--sample-steps", type=POSITIVE_INT, help="sampling steps (default 25; tiny: 4)")
+
+def parse_args(argv):
+    sample = argv[:1] == ["sample"]
+    if sample:
+        p = Parser(prog="b4m.py sample", description="Sample again from a finished run, without training.")
+        p.add_argument("--run", required=True, help="a finished run's --out folder")
+        p.add_argument("--seed", type=int, help="default: the run's")
+        p.add_argument("--export", help=f"also write the (scaled) made adapter to DIR/{WEIGHTS} and DIR/b4m_kohya.safetensors")
+        p.add_argument("--report", action="store_true", help="recompute report.json (drift and effect)")
+    else:
+        p = Parser(prog="b4m.py", description="Train B4M: content stage, style stage, make; then sample.",
+                   epilog="Images: png, jpg/jpeg, webp, bmp, gif, any case. Unreadable images are skipped with a "
+                          "warning naming each. `python b4m.py sample -h`: sampling again.")
+        p.add_argument("--content", required=True, help="folder of content images (prompt.txt optional)")
+        p.add_argument("--style", required=True, help="folder of style images (prompt.txt optional)")
+        p.add_argument("--content-prompt", help=f"default: the folder's prompt.txt, else '{PROMPTS['content']}'")
+        p.add_argument("--style-prompt", help=f"default: the folder's prompt.txt, else '{PROMPTS['style']}'")
+        p.add_argument("--aux-style", nargs="+", default=[], metavar="DIR", help="auxiliary style sets (MCP), each with prompt.txt")
+        p.add_argument("--aux-content", nargs="+", default=[], metavar="DIR", help="auxiliary content sets, each with prompt.txt")
+        p.add("--model", "hub id or local folder of an SD 1.x/2.x/SDXL pipeline, or tiny / tiny-sdxl (offline, random)")
+        p.add("--out")
+        p.add("--rank", "LoRA rank r", type=POSITIVE_INT)
+        p.add("--resolution", "training size", type=RESOLUTION)
+        p.add("--steps", "optimizer steps per break stage", type=STEPS)
+        p.add("--make-steps", "make fine-tuning steps; 0 = exact reassembly", type=STEPS)
+        p.add("--batch-size", type=POSITIVE_INT)
+        p.add("--grad-accum", type=POSITIVE_INT)
+        p.add("--lr", "the stage's own half", type=POSITIVE)
+        p.add("--aux-lr", "the other half, on the auxiliary sets", type=POSITIVE)
+        p.add("--make-lr", type=POSITIVE)
+        p.add("--max-grad-norm", "clip each trained half's gradient norm; 0 = off", type=NON_NEGATIVE)
+        p.add("--seed", type=int)
+        p.add("--checkpoint-every", "optimizer steps between checkpoints; 0 = only on Ctrl-C/SIGTERM", type=STEPS)
+        p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL on small GPUs)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out: finished stages with matching "
+                       "settings are kept, an interrupted one continues from its checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+        p.add_argument("--no-orth-prior", action="store_true", help="ablation: A, C drawn independently")
+        p.add_argument("--no-mcp", action="store_true", help="ablation: no auxiliary loss in the break stages")
+        p.add_argument("--no-precondition", action="store_true", help="ablation: plain AdamW in make")
+        p.add_argument("--baseline", choices=["b4m", "lora-merge"], default="b4m",
+                       help="lora-merge: two ordinary LoRAs trained apart on the target sets and summed "
+                            "(the paper's naive baseline; takes none of the B4M-only flags)")
+    p.add_argument("--prompt", help=f"combined prompt for the made adapter (default: '{PROMPTS['b4m']}')")
+    p.add("--num-samples", "images per prompt", type=POSITIVE_INT)
+    p.add("--sample-steps", "sampling steps", type=POSITIVE_INT)
+    p.add_argument("--sample-resolution", type=RESOLUTION,
+                   help="sampling size (default: the model's own, unet sample_size x VAE scale: 1024 for SDXL)")
     p.add_argument("--content-scale", type=float, default=1.0, help="s_c: V = [C, s_c D] at sampling")
     p.add_argument("--style-scale", type=float, default=1.0, help="s_s: U = [A; s_s B] at sampling")
     p.add_argument("--scale-grid", action="store_true", help=f"also render samples/scale_grid.png over {SCALES}")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="frozen model precision (auto: fp16 on cuda, else fp32); adapters stay fp32")
-
-
-def parse_args(argv):
-    if argv[:1] == ["sample"]:
-        p = Parser(prog="b4m.py sample", description="Sample again from a finished run, without training.")
-        p.add_argument("--run", required=True, help="a finished run's --out folder")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--export", help="also write the (scaled) made adapter to DIR/" + WEIGHTS)
-        p.add_argument("--report", action="store_true", help="recompute report.json (drift and effect)")
-        common_flags(p)
-        args = p.parse_args(argv[1:])
-        args.command = "sample"
-        return args
-    p = Parser(prog="b4m.py", description="Train B4M: content stage, style stage, make; then sample.",
-               epilog="Images: png, jpg/jpeg, webp, bmp, gif, any case. Unreadable images are skipped with a warning "
-                      "naming each; a folder with no readable image is refused. `python b4m.py sample -h`: sampling.")
-    p.add_argument("--content", required=True, help="folder of content images (prompt.txt optional)")
-    p.add_argument("--style", required=True, help="folder of style images (prompt.txt optional)")
-    p.add_argument("--content-prompt", help="default: the folder's prompt.txt, else 'a photo of snq object'")
-    p.add_argument("--style-prompt", help="default: the folder's prompt.txt, else 'an image in w@z style'")
-    p.add_argument("--aux-style", nargs="+", default=[], metavar="DIR", help="auxiliary style sets (MCP), each with prompt.txt")
-    p.add_argument("--aux-content", nargs="+", default=[], metavar="DIR", help="auxiliary content sets, each with prompt.txt")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
-                   help="hub id or local folder of an SD 1.x/2.x/SDXL pipeline, or tiny / tiny-sdxl (offline, random)")
-    p.add_argument("--out", default="runs/b4m")
-    p.add_argument("--rank", type=POSITIVE_INT, help="LoRA rank r (default 64; tiny: 4)")
-    p.add_argument("--resolution", type=RESOLUTION, help="training/sampling size (default 512; tiny: 64)")
-    p.add_argument("--steps", type=STEPS, help="optimizer steps per break stage (default 1000; tiny: 20)")
-    p.add_argument("--make-steps", type=STEPS, help="make fine-tuning steps; 0 = exact reassembly (default 1000; tiny: 10)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=1)
-    p.add_argument("--grad-accum", type=POSITIVE_INT, default=4)
-    p.add_argument("--lr", type=POSITIVE, default=1e-4, help="the stage's own half")
-    p.add_argument("--aux-lr", type=POSITIVE, default=1e-5, help="the other half, on the auxiliary sets")
-    p.add_argument("--make-lr", type=POSITIVE, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL on small GPUs)")
-    p.add_argument("--resume", action="store_true", help="continue a run in --out: finished stages with matching settings are kept")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--no-orth-prior", action="store_true", help="ablation: A, C drawn independently")
-    p.add_argument("--no-mcp", action="store_true", help="ablation: no auxiliary loss in the break stages")
-    p.add_argument("--no-precondition", action="store_true", help="ablation: plain AdamW in make")
-    p.add_argument("--baseline", choices=["b4m", "lora-merge"], default="b4m",
-                   help="lora-merge: two ordinary LoRAs trained apart on the target sets and summed "
-                        "(the paper's naive baseline; takes none of the B4M-only flags)")
-    common_flags(p)
-    args = p.parse_args(argv)
-    args.command = "train"
-    for key, value in (TINY if args.model in PRESETS else OFFICIAL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.prompt = args.prompt or "a snq object in w@z style"
+    args = p.parse_args(argv[1:] if sample else argv)
+    args.command = "sample" if sample else "train"
+    if not sample:
+        fill_defaults(args)
     return args
+
+
+def fill_defaults(args):
+    for key, value in {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.prompt = args.prompt or PROMPTS["b4m"]
 
 
 def pick_device(args):
@@ -873,12 +932,14 @@ def check_baseline(args):
             raise UsageError(f"{flag}: only for B4M runs, not --baseline {args.baseline}")
 
 
-def versions():
-    import diffusers
-    import transformers
+def settings_of(args, stage=None):
+    now = vars(args)
+    return {k: now[k] for k in RUN + (STAGES[stage] if stage else ())}  # KeyError on a misspelt name
 
-    return {"b4m": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+
+def adapter_metadata(args, stage):
+    return {"stage": stage, "method": args.baseline, "rank": args.rank, "seed": args.seed,
+            "prior": "random" if args.no_orth_prior else "orthogonal", "base_model": args.model, "version": __version__}
 
 
 def prepare_out(args):
@@ -888,8 +949,11 @@ def prepare_out(args):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; pass a folder path")
     config = out / "config.json"
-    has_run = config.exists() or any((out / s / WEIGHTS).exists() for s in STAGE_KEYS)
-    if not has_run or args.overwrite:
+    if not (config.exists() or any((out / s).is_dir() for s in STAGES)):
+        return set()
+    if args.overwrite:
+        for old in out.glob(f"*/{CHECKPOINT}"):
+            old.unlink()
         return set()
     if not args.resume:
         raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it, --overwrite to "
@@ -898,18 +962,76 @@ def prepare_out(args):
         old = json.loads(config.read_text())["settings"]
     except Exception:
         raise UsageError(f"--resume: {config} is missing or unreadable; use --overwrite or another --out")
-    now = vars(args)
-    differ = [k for k in TRAINED_BY if old.get(k) != now.get(k)]
+    now = settings_of(args)
+    differ = [k for k in RUN if old.get(k) != now[k]]
     if differ:
         raise UsageError(f"--resume: settings differ from the run in {out}: "
-                         + ", ".join(f"{k} (was {old.get(k)!r}, now {now.get(k)!r})" for k in differ))
+                         + ", ".join(f"{k} (was {old.get(k)!r}, now {now[k]!r})" for k in differ))
+    for tmp in out.glob("**/.*.tmp*"):  # left by a kill in the middle of a write
+        tmp.unlink()
     done = set()
-    for stage, keys in STAGE_KEYS.items():
-        if (out / stage / WEIGHTS).exists() and all(old.get(k) == now.get(k) for k in keys):
-            done.add(stage)
-        else:
-            break  # a later stage depends on every earlier one
+    for stage, keys in STAGES.items():
+        if not ((out / stage / WEIGHTS).exists() and all(old.get(k) == vars(args)[k] for k in keys)):
+            break
+        done.add(stage)
     return done
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C and SIGTERM (schedulers, `timeout`, `docker stop`) ask training to stop after the
+    current step, in a checkpoint; a second Ctrl-C stops at once, keeping the last checkpoint."""
+    asked = []
+
+    def ask(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def run_stage(stage, pipe, noise_scheduler, data, adapters, args):
+    """One stage of sections 4-5, continued from its checkpoint when one matches; checkpoints every
+    --checkpoint-every steps and on Ctrl-C/SIGTERM. Returns (adapter, loss log)."""
+    path, settings = Path(args.out) / stage / CHECKPOINT, settings_of(args, stage)
+    state = load_checkpoint(path, settings) if args.resume else None
+    if state:
+        print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
+    total, t0 = args.make_steps if stage == "b4m" else args.steps, time.time() - (state or {}).get("seconds", 0)
+
+    def on_step(step, loop_state):
+        if asked or args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
+            save_checkpoint(path, {**loop_state(), "settings": settings, "seconds": time.time() - t0})
+        if asked:
+            raise Interrupted(asked[0], f"stopped in the {stage} stage after step {step}, saved in {path}; "
+                                        f"run the same command with --resume to continue from there")
+
+    kw = dict(rank=args.rank, seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
+              max_grad_norm=args.max_grad_norm, state=state, on_step=on_step)
+    with stop_on_signals() as asked:
+        try:
+            if args.baseline == "lora-merge":
+                result = ((merge_loras(adapters["content"], adapters["style"]), []) if stage == "b4m" else
+                          lora_stage(stage, pipe.unet, noise_scheduler, data[stage], steps=args.steps, lr=args.lr, **kw))
+            elif stage == "b4m":
+                result = make_stage(pipe.unet, noise_scheduler, data["content"], data["style"], adapters["content"],
+                                    adapters["style"], steps=args.make_steps, lr=args.make_lr,
+                                    precondition=not args.no_precondition, **kw)
+            else:
+                result = break_stage(stage, pipe.unet, noise_scheduler, data[stage], data["aux_" + stage],
+                                     steps=args.steps, lr=args.lr, aux_lr=args.aux_lr, mcp=not args.no_mcp,
+                                     orth_prior=not args.no_orth_prior, **kw)
+        except FloatingPointError as e:
+            raise UsageError(f"{stage} stage, {e}; lower --lr/--aux-lr/--make-lr (finished stages are kept)") from None
+        except ValueError as e:
+            raise UsageError(f"{stage} stage: {e}") from None
+    return result, time.time() - t0
 
 
 def train_main(args):
@@ -918,9 +1040,9 @@ def train_main(args):
     check_model(args.model, args.rank)
     check_baseline(args)
     content_px, args.content_prompt = load_image_set(args.content, "--content", args.resolution,
-                                                     args.content_prompt, "a photo of snq object")
+                                                     args.content_prompt, PROMPTS["content"])
     style_px, args.style_prompt = load_image_set(args.style, "--style", args.resolution,
-                                                 args.style_prompt, "an image in w@z style")
+                                                 args.style_prompt, PROMPTS["style"])
     aux_style_px = [load_image_set(folder, "--aux-style", args.resolution) for folder in args.aux_style]
     aux_content_px = [load_image_set(folder, "--aux-content", args.resolution) for folder in args.aux_content]
     # Absolute paths in config.json: `sample`, `--resume` and evaluate.py work from any folder.
@@ -932,51 +1054,48 @@ def train_main(args):
 
     pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
     check_rank(args.rank, pipe.unet)
+    args.sample_resolution = args.sample_resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
-    content = encode_set(pipe, content_px, args.content_prompt, args.resolution)
-    style = encode_set(pipe, style_px, args.style_prompt, args.resolution)
-    aux_style = [encode_set(pipe, px, prompt, args.resolution) for px, prompt in aux_style_px] or [style]
-    aux_content = [encode_set(pipe, px, prompt, args.resolution) for px, prompt in aux_content_px] or [content]
-    # (with no auxiliary sets, each stage pairs with the other target set: the official single-set mode)
+    data = {"content": encode_set(pipe, content_px, args.content_prompt), "style": encode_set(pipe, style_px, args.style_prompt)}
+    # With no auxiliary sets, each stage pairs with the other target set: b4m's own default (the
+    # official scripts require three auxiliary folders and have no single-set path).
+    data["aux_content"] = [encode_set(pipe, *px_prompt) for px_prompt in aux_style_px] or [data["style"]]
+    data["aux_style"] = [encode_set(pipe, *px_prompt) for px_prompt in aux_content_px] or [data["content"]]
 
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    save_json(out / "config.json", {"settings": settings, "versions": versions()})
+    save_json(out / "config.json", {"settings": {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")},
+                                    "versions": versions()})
     log, adapters = [], {}
     if done:
         with open(out / "losses.csv", newline="") as f:
             log = [row for row in list(csv.reader(f))[1:] if row[0] in done]
-    for stage in STAGE_KEYS:
-        path = out / stage / WEIGHTS
+    seconds = read_report(out).get("seconds", {}) if done else {}  # a new or overwritten run starts a new report
+    for stage in STAGES:
         if stage in done:
-            adapters[stage] = load_lora(path, pipe.unet, adapter_metadata(args, stage))[0]
-            print(f"{stage}: kept {path} (--resume)", file=sys.stderr)
+            adapters[stage] = load_lora(out / stage / WEIGHTS, pipe.unet, adapter_metadata(args, stage))[0]
+            print(f"{stage}: kept {out / stage / WEIGHTS} (--resume)", file=sys.stderr)
             continue
-        t0 = time.time()
-        if args.baseline == "lora-merge":
-            adapters[stage] = (merge_loras(adapters["content"], adapters["style"]) if stage == "b4m" else
-                               lora_merge_stage(stage, pipe, noise_scheduler, content if stage == "content" else style,
-                                                args, log))
-        elif stage == "content":
-            adapters[stage] = break_stage("content", pipe, noise_scheduler, content, aux_style, args, log)
-        elif stage == "style":
-            adapters[stage] = break_stage("style", pipe, noise_scheduler, style, aux_content, args, log)
-        else:
-            adapters[stage] = make_stage(pipe, noise_scheduler, content, style, adapters["content"],
-                                         adapters["style"], args, log)
-        save_lora(path, adapters[stage], adapter_metadata(args, stage))
-        (out / stage / "partial.safetensors").unlink(missing_ok=True)
+        (adapters[stage], stage_log), seconds[stage] = run_stage(stage, pipe, noise_scheduler, data, adapters, args)
+        save_lora(out / stage, adapters[stage], adapter_metadata(args, stage))
+        log += csv_rows(stage, stage_log)
         save_csv(out / "losses.csv", log)
-        report = read_report(out) if done else {}  # a new or overwritten run starts a new report
-        done.add(stage)
-        save_json(out / "report.json", {"seconds": {**report.get("seconds", {}), stage: round(time.time() - t0, 3)}})
+        save_json(out / "report.json", {"seconds": {k: round(v, 3) for k, v in seconds.items()}})
+        (out / stage / CHECKPOINT).unlink(missing_ok=True)
     finish(pipe, adapters, args)
-    print(f"wrote {out}: content/, style/, b4m/ (each {WEIGHTS}), config.json, losses.csv, report.json",
-          file=sys.stderr)
+    print(f"wrote {out}: content/, style/, b4m/ (each {WEIGHTS} and <stage>_kohya.safetensors), config.json, "
+          f"losses.csv, report.json, samples/", file=sys.stderr)
+
+
+def versions():
+    import diffusers
+    import transformers
+
+    return {"b4m": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
 
 
 def read_report(out):
@@ -984,19 +1103,25 @@ def read_report(out):
 
 
 def finish(pipe, adapters, args, report=True):
-    """Samples and report.json, shared by training and `sample`."""
+    """samples/{content,style,b4m}_{i}.png, grid.png (a row each) and report.json, shared by training and `sample`."""
     out = Path(args.out)
     for old in (out / "samples").glob("*.png"):  # samples/ holds the latest sampling only: evaluate.py reads it all
         old.unlink()
+    sampling = dict(num_samples=args.num_samples, steps=args.sample_steps, resolution=args.sample_resolution, seed=args.seed)
     if args.scale_grid:
-        save_image(out / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args))
+        save_image(out / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args.prompt, **sampling))
     if (args.content_scale, args.style_scale) != (1, 1):
         adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
-    sample_run(pipe, adapters, args)
+    prompts, rows = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}, []
+    for stage, sd in adapters.items():
+        rows.append(generate(pipe, sd, prompts[stage], **sampling))
+        for i, im in enumerate(rows[-1]):
+            save_image(out / "samples" / f"{stage}_{i}.png", im)
+    save_image(out / "samples" / "grid.png", image_grid(rows))
     print(f"wrote {out / 'samples'}", file=sys.stderr)
     if not report:
         return
-    result = drift_report(pipe, adapters, own_prompts(args), args.resolution, args.seed)
+    result = drift_report(pipe, adapters, prompts, args.resolution, args.seed)  # at the training resolution
     result["seconds"] = read_report(out).get("seconds", {})  # written stage by stage, kept by --resume
     save_json(out / "report.json", result)
     print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
@@ -1016,17 +1141,17 @@ def sample_main(args):
     args.out = str(run)
     check_baseline(args)
     device, dtype = pick_device(args)
-    missing = [s for s in STAGE_KEYS if not (run / s / WEIGHTS).is_file()]
+    missing = [s for s in STAGES if not (run / s / WEIGHTS).is_file()]
     if missing:
         raise UsageError(f"--run {run}: no {missing[0]}/{WEIGHTS}; finish the run first (--resume)")
     check_model(args.model, args.rank)
     pipe = load_pipeline(args.model, device, DTYPES[dtype])
     adapters = {s: load_lora(run / s / WEIGHTS, pipe.unet, adapter_metadata(argparse.Namespace(**config), s))[0]
-                for s in STAGE_KEYS}
+                for s in STAGES}
     if args.export:
         made = scale_made(adapters["b4m"], args.content_scale, args.style_scale) if args.baseline == "b4m" else adapters["b4m"]
         meta = {**adapter_metadata(args, "b4m"), "content_scale": args.content_scale, "style_scale": args.style_scale}
-        save_lora(Path(args.export) / WEIGHTS, made, meta)
+        save_lora(args.export, made, meta)
     finish(pipe, adapters, args, report=args.report)
 
 
@@ -1038,6 +1163,12 @@ def main(argv=None):
     except UsageError as e:
         print(f"b4m: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"\nb4m: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\nb4m: stopped at once; what was saved is kept: run the same command with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

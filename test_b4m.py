@@ -2,6 +2,7 @@
 identities; the pipeline is checked end to end on the tiny random SD/SDXL pipelines (offline)."""
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -212,8 +213,7 @@ def load(path):
 
 def test_run_writes_every_output(sd_run):
     for stage in ("content", "style", "b4m"):
-        assert (sd_run / stage / b4m.WEIGHTS).is_file()
-        assert not (sd_run / stage / "partial.safetensors").exists()
+        assert sorted(p.name for p in (sd_run / stage).iterdir()) == sorted([b4m.WEIGHTS, f"{stage}_kohya.safetensors"])
     names = sorted(p.name for p in (sd_run / "samples").iterdir())
     assert names == ["b4m_0.png", "b4m_1.png", "content_0.png", "content_1.png", "grid.png", "style_0.png", "style_1.png"]
     from PIL import Image
@@ -257,7 +257,7 @@ def test_make_refuses_mismatched_scaffolds(sd_run):
     content = load(sd_run / "content" / b4m.WEIGHTS)
     unet = tiny_unet()
     other = b4m.lora_state_dict(b4m.add_plp(unet, 4, seed=1))  # another seed: another A, C
-    with pytest.raises(b4m.UsageError, match="frozen A/C of .* differ"):
+    with pytest.raises(ValueError, match="frozen A/C of .* differ"):
         b4m.reassemble(content, other)
 
 
@@ -280,7 +280,7 @@ def test_exported_lora_in_diffusers_equals_the_plp_model(sd_run, tmp_path, kind)
             for layer in layers.values():
                 layer.B.normal_(0, 0.1)
         folder = tmp_path
-        b4m.save_lora(folder / b4m.WEIGHTS, b4m.lora_state_dict(layers), {"stage": "b4m"})
+        b4m.save_lora(folder, b4m.lora_state_dict(layers), {"stage": "b4m"})
     pipe = b4m.tiny_pipeline(kind)
     layers = b4m.add_plp(pipe.unet, 4, 0)
     b4m.load_plp_state(layers, load(folder / b4m.WEIGHTS))
@@ -291,7 +291,16 @@ def test_exported_lora_in_diffusers_equals_the_plp_model(sd_run, tmp_path, kind)
         base = pipe.unet(*args, **kwargs).sample
         pipe.load_lora_weights(str(folder))  # the path any diffusers user takes
         theirs = pipe.unet(*args, **kwargs).sample
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(folder), weight_name="b4m_kohya.safetensors")  # the ComfyUI/A1111 file
+        kohya = pipe.unet(*args, **kwargs).sample
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0) and not torch.allclose(ours, base, atol=1e-3)
+    assert torch.allclose(kohya, theirs, atol=1e-6, rtol=0)
+    names = {k.split(".")[0] for k in load(folder / "b4m_kohya.safetensors")}
+    kohya_sd = load(folder / "b4m_kohya.safetensors")
+    assert len(names) == 32 and all(re.fullmatch(r"lora_unet_[a-z0-9_]+_to_(q|k|v|out_0)", n) for n in names)
+    assert set(kohya_sd) == {f"{n}.{x}" for n in names for x in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert all(kohya_sd[f"{n}.alpha"].item() == 4 for n in names)  # alpha = rank: scale 1
 
 
 def test_gradient_routing_in_the_content_stage(tmp_path):
@@ -301,12 +310,11 @@ def test_gradient_routing_in_the_content_stage(tmp_path):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    enc = lambda d: b4m.encode_set(pipe, *b4m.load_image_set(d, "--x", 64), 64)  # noqa: E731
+    enc = lambda d: b4m.encode_set(pipe, *b4m.load_image_set(d, "--x", 64))  # noqa: E731
     content, aux1, aux2 = enc(EXAMPLES / "content"), enc(EXAMPLES / "style"), enc(EXAMPLES / "content")
-    args = argparse.Namespace(rank=4, seed=0, no_orth_prior=False, no_mcp=False, lr=1e-3, aux_lr=1e-3, steps=1,
-                              grad_accum=2, batch_size=1, out=str(tmp_path))
-    first = b4m.break_stage("content", pipe, sched, content, [aux1], args, [])
-    second = b4m.break_stage("content", pipe, sched, content, [aux2], args, [])
+    kw = dict(rank=4, seed=0, steps=1, lr=1e-3, aux_lr=1e-3, batch_size=1, grad_accum=2, max_grad_norm=1.0)
+    first, _ = b4m.break_stage("content", pipe.unet, sched, content, [aux1], **kw)
+    second, _ = b4m.break_stage("content", pipe.unet, sched, content, [aux2], **kw)
     keys = [k for k in first if k.endswith("lora_B.weight")]
     for k in keys:
         assert torch.equal(split(first, k)[3], split(second, k)[3])  # D
@@ -344,7 +352,7 @@ def test_v_prediction_target(tmp_path):
     from diffusers import DDPMScheduler
 
     pipe = b4m.load_pipeline("tiny", "cpu", torch.float32)
-    data = b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / "content", "--c", 64), 64)
+    data = b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / "content", "--c", 64))
     losses = {}
     for kind in ("epsilon", "v_prediction"):
         sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind)
@@ -391,7 +399,7 @@ def bad_inputs(tmp):
         ([], tmp / "afile", ["--content", "not a folder"]),
         ([], tmp / "empty", ["--content", "no readable image"]),
         ([], corrupt, ["--content", "no readable image"]),
-        ([], emptyprompt, ["--content", "prompt.txt is empty"]),
+        ([], emptyprompt, ["--content", "prompt.txt: empty"]),
         (["--content-prompt", " "], None, ["--content-prompt", "empty"]),
         (["--aux-style", noprompt], None, ["--aux-style", "noprompt", "prompt.txt"]),
         (["--aux-content", tmp / "missing"], None, ["--aux-content", "no such folder"]),
@@ -556,42 +564,131 @@ def test_overwrite_replaces_a_run(sd_run, tmp_path, capsys):
     assert (out / "b4m" / b4m.WEIGHTS).read_bytes() != (sd_run / "b4m" / b4m.WEIGHTS).read_bytes()
 
 
-def test_writes_are_atomic(tmp_path, monkeypatch):
-    import safetensors.torch
+def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
+    """No space left while the style adapter is written: one line naming the file and the cause;
+    the content stage's files intact, no temporary file anywhere, no style adapter."""
+    import errno
+    import os
 
-    path = tmp_path / "b4m" / b4m.WEIGHTS
-    good = {"unet.x.lora_A.weight": torch.ones(2, 3)}
-    b4m.save_lora(path, good, {"stage": "b4m"})
-    before = path.read_bytes()
+    fsync = os.fsync
 
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        b4m.save_lora(path, {"unet.x.lora_A.weight": torch.zeros(2, 3)}, {"stage": "b4m"})
-    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [b4m.WEIGHTS]
+    def full_disk(fd):
+        if "/style/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    out = tmp_path / "run"
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"b4m: error: {out / 'style' / b4m.WEIGHTS}: cannot write (No space left "
+                                            f"on device); free some space or choose another --out")
+    assert sorted(p.name for p in (out / "content").iterdir()) == ["content_kohya.safetensors", b4m.WEIGHTS]
+    b4m.load_lora(out / "content" / b4m.WEIGHTS, tiny_unet(), {"stage": "content"})
+    assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == [] and not (out / "style" / b4m.WEIGHTS).exists()
 
 
-def test_ctrl_c_saves_a_partial_adapter_and_exits_130(tmp_path):
+def test_outputs_get_the_umask_permissions(tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                             "--out", tmp_path / "run", *FAST], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(files) == 13 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o640}
+
+
+# Checkpoints: a run killed anywhere and resumed ends byte-identical to one never stopped ----------
+
+RESUMABLE = ["--steps", "24", "--make-steps", "12", "--checkpoint-every", "4", "--grad-accum", "4",
+             "--sample-steps", "2", "--num-samples", "1"]
+KILLER = """
+import os, signal, sys
+import b4m
+stage, at, where = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+train, fsync, now = b4m.train, os.fsync, []
+
+def killing_train(*a, on_step, desc, **k):
+    def hook(step, state):
+        now[:] = [desc, step]
+        if where == "step" and now == [stage, at]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        on_step(step, state)
+    return train(*a, on_step=hook, desc=desc, **k)
+
+def killing_fsync(fd):  # half of the checkpoint written, then killed before the rename
+    if where == "write" and now == [stage, at] and ".checkpoint.pt.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(fd)
+
+b4m.train, os.fsync = killing_train, killing_fsync
+sys.exit(b4m.main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert b4m.main(["--content", str(EXAMPLES / "content"), "--style", str(EXAMPLES / "style"), "--model", "tiny",
+                     "--out", str(out), *RESUMABLE]) == 0
+    return out
+
+
+def outputs(out):
+    names = [f"{s}/{n}" for s in ("content", "style", "b4m") for n in (b4m.WEIGHTS, f"{s}_kohya.safetensors")]
+    return {n: (out / n).read_bytes() for n in names + ["losses.csv", "samples/grid.png"]}
+
+
+def test_killed_in_every_stage_and_mid_checkpoint_write_resumes_byte_identical(never_stopped, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny", "--out", out, *RESUMABLE]
+    for stage, at, where, checkpoint_step in [("content", 11, "step", 8), ("style", 3, "step", None),
+                                              ("style", 9, "step", 8), ("b4m", 8, "write", 4)]:
+        r = subprocess.run([sys.executable, "-c", KILLER, stage, str(at), where, *map(str, argv), "--resume"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == -9, r.stderr
+        path = out / stage / b4m.CHECKPOINT
+        assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == checkpoint_step
+    assert [p.name for p in (out / "b4m").iterdir() if ".tmp" in p.name]  # the half-written checkpoint
+    code, err = run_b4m([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert "content: kept" in err and "style: kept" in err and "b4m: continuing from step 4" in err
+    assert outputs(out) == outputs(never_stopped)
+    assert [p for p in out.rglob("*") if ".tmp" in p.name or p.name == b4m.CHECKPOINT] == []
+
+
+def start_and_signal(argv, sig, stage):
+    p = subprocess.Popen([sys.executable, "b4m.py", *map(str, argv)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while f"{stage}:" not in seen or "loss=" not in seen.split(f"{stage}:")[-1]:  # the stage is training
+        seen += p.stderr.read(1)
+        assert p.poll() is None, seen
+    p.send_signal(sig)
+    return p.wait(timeout=60), seen + p.stderr.read()
+
+
+def test_sigterm_and_ctrl_c_stop_in_a_checkpoint_and_resume_byte_identical(never_stopped, tmp_path, capsys):
     import signal
 
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "b4m.py", "--content", "examples/content", "--style", "examples/style",
-                          "--model", "tiny", "--out", str(out), "--steps", "10000"], cwd=ROOT,
-                         stderr=subprocess.PIPE, text=True, bufsize=1)
-    seen = ""
-    while "content:" not in seen or "loss=" not in seen:  # training has started
-        seen += p.stderr.read(1)
-        assert p.poll() is None, seen
-    p.send_signal(signal.SIGINT)
-    rest = p.stderr.read()
-    assert p.wait(timeout=60) == 130, rest
-    assert "Traceback" not in rest and "--resume" in rest
-    assert f"partial adapter saved to {out / 'content' / 'partial.safetensors'}" in rest
-    sd, meta = b4m.load_lora(out / "content" / "partial.safetensors", tiny_unet(), {"stage": "content"})
-    assert len(sd) == 64 and meta["partial_step"] >= 0
-    assert not (out / "content" / b4m.WEIGHTS).exists()
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny", "--out", out, *RESUMABLE]
+    for stage, sig, code in [("content", signal.SIGTERM, 143), ("style", signal.SIGINT, 130)]:
+        returncode, err = start_and_signal(argv + ["--resume"], sig, stage)
+        path = out / stage / b4m.CHECKPOINT
+        step = torch.load(path, weights_only=True)["step"]
+        assert returncode == code and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"b4m: stopped in the {stage} stage after step {step}, saved in "
+                                                f"{path}; run the same command with --resume to continue from there")
+        assert 0 < step < 24
+    code, err = run_b4m([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert outputs(out) == outputs(never_stopped)
 
 
 def test_non_finite_loss_stops_and_keeps_saved_stages(tmp_path, capsys):
@@ -619,7 +716,7 @@ def test_adapters_for_another_model_rank_or_method_are_refused(sd_run, tmp_path,
         out = tmp_path / name
         shutil.copytree(sd_run, out)
         stored = b4m.adapter_metadata(argparse.Namespace(**json.loads((out / "config.json").read_text())["settings"]), "b4m")
-        b4m.save_lora(out / "b4m" / b4m.WEIGHTS, sd, {**stored, **meta})
+        b4m.save_lora(out / "b4m", sd, {**stored, **meta})
         code, err = run_b4m(["sample", "--run", out], capsys)
         assert code == 2 and all(w in err.splitlines()[-1] for w in words), (name, err)
 

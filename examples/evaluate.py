@@ -30,8 +30,8 @@ def read_run(run):
         folders = {key: Path(settings[key]) for key in ("content", "style")}
     except Exception:
         raise UsageError(f"{run}: no readable config.json with settings; pass the --out folder of a b4m run")
-    # All read at the run's resolution: the samples were made at it, the references trained at it.
-    samples = read_images(sorted((run / "samples").glob("b4m_*.png")), resolution)
+    # Samples at the size they were made, references at the size they were trained at.
+    samples = read_images(sorted((run / "samples").glob("b4m_*.png")), settings.get("sample_resolution") or resolution)
     if not samples:
         raise UsageError(f"{run}: no samples/b4m_*.png; finish the run, or make them with "
                          f"`python b4m.py sample --run {run}`")
