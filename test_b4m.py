@@ -188,6 +188,51 @@ def test_riemannian_adamw_equals_adamw_on_preconditioned_gradients():
             assert torch.allclose(a.B, b.B, atol=1e-12) and torch.allclose(a.D, b.D, atol=1e-12)
 
 
+def test_riemannian_adamw_reads_the_halves_as_they_are_at_each_step():
+    """Nothing cached: A and C changed in place after the optimizer was built are what the next step uses."""
+    layer, twin = plp(seed=1), plp(seed=1)
+    ours = b4m.RiemannianAdamW([layer], lr=1e-2)
+    ref = torch.optim.AdamW([twin.B, twin.D], lr=1e-2)
+    for t in (layer, twin):
+        with torch.no_grad():
+            t.A.mul_(3.0)
+            t.C.add_(0.5)
+        torch.manual_seed(0)
+        t(torch.randn(3, 10, dtype=torch.float64)).sin().sum().backward()
+    with torch.no_grad():
+        twin.B.grad, twin.D.grad = b4m.riemannian_precondition(twin.up, twin.down, twin.B.grad, twin.D.grad)
+    ours.step(), ref.step()
+    assert torch.allclose(layer.B, twin.B, atol=1e-12) and torch.allclose(layer.D, twin.D, atol=1e-12)
+
+
+def test_gradient_clipping_bounds_each_half_and_zero_turns_it_off():
+    pipe = b4m.load_pipeline("tiny", "cpu", torch.float32)
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    data = b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / "content", "--c", 64))
+    layers = b4m.add_plp(pipe.unet, 4, 0)
+    B, D = [t.B for t in layers.values()], [t.D for t in layers.values()]
+
+    class Seen(torch.optim.SGD):  # lr 0: records the norm of each group's gradient it is handed
+        def step(self, closure=None):
+            self.norms.append([torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"]])).item()
+                               for g in self.param_groups])
+
+    def norms(limit):
+        opt = Seen([{"params": D}, {"params": B}], lr=0.0)
+        opt.norms = []
+        huge = lambda losses: 1e6 * losses.mean()  # noqa: E731
+        b4m.train(2, pipe.unet, sched, [([data], D, huge), ([data], B, huge)], opt, torch.Generator().manual_seed(0),
+                  batch_size=1, grad_accum=1, max_grad_norm=limit)
+        return opt.norms
+
+    raw = norms(0)
+    assert all(n > 1e3 for step in raw for n in step)
+    assert raw == norms(1e30)  # 0 leaves the gradients exactly as a limit that never bites
+    assert all(n == pytest.approx(1.0, rel=1e-5) for step in norms(1.0) for n in step)
+
+
 # 4.-6. Break, make, sample on the tiny pipelines -------------------------------------------------
 
 def run_b4m(argv, capsys=None):
@@ -321,6 +366,26 @@ def test_gradient_routing_in_the_content_stage(tmp_path):
     assert any(not torch.equal(split(first, k)[1], split(second, k)[1]) for k in keys)  # B
 
 
+def test_break_and_make_as_plain_functions():
+    """The method without the command line: plain values in, state dicts and loss logs out, no files."""
+    pipe = b4m.load_pipeline("tiny", "cpu", torch.float32)
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    content, style = (b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / d, "--x", 64)) for d in ("content", "style"))
+    kw = dict(rank=4, seed=0, batch_size=1, grad_accum=1, max_grad_norm=1.0)
+    c, c_log = b4m.break_stage("content", pipe.unet, sched, content, [style], steps=2, lr=1e-3, aux_lr=1e-4, **kw)
+    s, _ = b4m.break_stage("style", pipe.unet, sched, style, [content], steps=2, lr=1e-3, aux_lr=1e-4, **kw)
+    made, m_log = b4m.make_stage(pipe.unet, sched, content, style, c, s, steps=3, lr=1e-3, **kw)
+    assert [row[0] for row in c_log] == [1, 2] and len(c_log[0]) == 3 and [row[0] for row in m_log] == [1, 2, 3]
+    assert not any(isinstance(m, b4m.PLPLinear) for m in pipe.unet.modules())  # the UNet is given back as it was
+    start = b4m.reassemble(c, s)
+    for k in (k for k in made if k.endswith("lora_B.weight")):
+        A, B, C, D = split(made, k)
+        A0, B0, C0, D0 = split(start, k)
+        assert torch.equal(A, A0) and torch.equal(C, C0) and not torch.equal(B, B0) and not torch.equal(D, D0)
+
+
 def test_sdxl_end_to_end_and_sample_again(tmp_path, capsys):
     out = tmp_path / "xl"
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny-sdxl",
@@ -394,6 +459,9 @@ def bad_inputs(tmp):
     shutil.copytree(EXAMPLES / "content", emptyprompt)
     (emptyprompt / "prompt.txt").write_text("  \n")
     (tmp / "notapipeline").mkdir()
+    latin1 = tmp / "latin1"
+    shutil.copytree(EXAMPLES / "content", latin1)
+    (latin1 / "prompt.txt").write_bytes("une photo de snq poupée".encode("latin-1"))
     return [
         ([], tmp / "missing", ["--content", "no such folder"]),
         ([], tmp / "afile", ["--content", "not a folder"]),
@@ -424,6 +492,10 @@ def bad_inputs(tmp):
         (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "only for B4M", "lora-merge"]),
         (["--baseline", "lora-merge", "--no-mcp"], None, ["--no-mcp", "only for B4M", "lora-merge"]),
         (["--bogus"], None, ["unrecognized arguments: --bogus"]),
+        ([], latin1, ["--content", "prompt.txt: not UTF-8 text"]),
+        (["--max-grad-norm", "-1"], None, ["--max-grad-norm", "must be >= 0"]),
+        (["--checkpoint-every", "-1"], None, ["--checkpoint-every", "must be >= 0"]),
+        (["--sample-resolution", "30"], None, ["--sample-resolution", "multiple of 8"]),
     ]
 
 
@@ -440,7 +512,7 @@ def test_bad_inputs_one_line_exit_2_before_any_model_loads(tmp_path, capsys, no_
         assert code == 2 and last.startswith("b4m: error: "), (extra, err)
         assert all(w in last for w in map(str, words)), (words, last)
         assert not (tmp_path / "out").exists()
-    assert len(cases) == 29
+    assert len(cases) == 33
 
 
 def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
@@ -454,6 +526,13 @@ def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     for name in ("zero.png", "text.JPG", "half.png"):
         assert f"warning: skipping {folder / name}" in err
+
+
+def test_a_prompt_file_with_a_byte_order_mark_is_read_without_it(tmp_path):
+    folder = tmp_path / "content"
+    shutil.copytree(EXAMPLES / "content", folder)
+    (folder / "prompt.txt").write_bytes("a photo of snq poupée\r\n".encode("utf-8-sig"))  # as Notepad saves it
+    assert b4m.load_image_set(folder, "--content", 64)[1] == "a photo of snq poupée"
 
 
 def test_rank_too_large_for_the_model_is_refused_before_loading(tmp_path, capsys, no_model_load):
@@ -546,6 +625,8 @@ def test_resume_keeps_finished_stages_and_refuses_other_settings(sd_run, tmp_pat
             *FAST, "--steps", "3", "--num-samples", "2", "--resume"]
     code, err = run_b4m([*argv, "--rank", "2"], capsys)
     assert code == 2 and "--resume: settings differ from the run" in err and "rank (was 4, now 2)" in err
+    code, err = run_b4m([*argv, "--max-grad-norm", "0"], capsys)
+    assert code == 2 and "max_grad_norm (was 1.0, now 0.0)" in err
     code, err = run_b4m(argv, capsys)
     assert code == 0, err
     assert "content: kept" in err and "style: kept" in err and "b4m:" in err
@@ -1002,3 +1083,34 @@ def test_a_pipeline_that_is_not_text_to_image_is_refused(tmp_path, capsys):
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model",
                          tmp_path / "img2img", "--rank", "4", "--out", tmp_path / "out"], capsys)
     assert code == 2 and "a StableDiffusionImg2ImgPipeline; b4m needs an SD 1.x/2.x or SDXL text-to-image" in err
+
+
+# One source for every default -------------------------------------------------------------------
+
+def test_every_compared_setting_is_a_flag_and_every_default_is_in_the_help(capsys):
+    args = vars(b4m.parse_args(["--content", "c", "--style", "s"]))
+    compared = set(b4m.RUN) | {k for keys in b4m.STAGES.values() for k in keys}
+    assert compared <= set(args) and set(b4m.DEFAULTS) <= set(args)
+    assert all(args[k] == v for k, v in b4m.DEFAULTS.items())
+    tiny = vars(b4m.parse_args(["--content", "c", "--style", "s", "--model", "tiny"]))
+    assert all(tiny[k] == v for k, v in b4m.TINY.items()) and args["prompt"] == b4m.PROMPTS["b4m"]
+    with pytest.raises(SystemExit):
+        b4m.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    for k, v in b4m.DEFAULTS.items():
+        tiny_part = f"; tiny: {b4m.TINY[k]}" if k in b4m.TINY else ""
+        assert f"(default {v}{tiny_part})" in text, k
+    assert all(f"'{p}'" in text for p in b4m.PROMPTS.values())
+
+
+def test_sample_resolution_is_the_model_size_unless_given(sd_run, tmp_path, capsys):
+    from PIL import Image
+
+    assert json.loads((sd_run / "config.json").read_text())["settings"]["sample_resolution"] == 64  # 8 latents x 8
+    run = tmp_path / "run"
+    shutil.copytree(sd_run, run)
+    report = json.loads((run / "report.json").read_text())
+    code, err = run_b4m(["sample", "--run", run, "--sample-resolution", "32", "--num-samples", "1", "--report"], capsys)
+    assert code == 0, err
+    assert Image.open(run / "samples" / "grid.png").size == (32, 3 * 32)
+    assert json.loads((run / "report.json").read_text())["drift"] == report["drift"]  # at the training size
