@@ -179,6 +179,48 @@ def sampling_section(unet, rank, repeats):
     return s["fused"] / s["base"]
 
 
+def checkpoint_section(riem, params, t_plp, repeats):
+    """One checkpoint as b4m writes it (trainable halves, AdamW state, generator, 100 logged steps;
+    serialised, fsynced, renamed), against the stage time between two checkpoints at the default
+    interval: --checkpoint-every optimizer steps of --grad-accum forward+backward passes at least."""
+    import tempfile
+
+    every, accum = b4m.DEFAULTS["checkpoint_every"], b4m.DEFAULTS["grad_accum"]
+    with tempfile.TemporaryDirectory() as tmp:
+        def save():
+            t0 = time.perf_counter()
+            state = {"step": every, "params": [p.detach().cpu().clone() for p in params], "optimizer": riem.state_dict(),
+                     "scaler": {}, "generator": torch.Generator().get_state(), "log": [[i, 0.1, 0.1] for i in range(every)]}
+            b4m.save_checkpoint(Path(tmp) / b4m.CHECKPOINT, state)
+            return time.perf_counter() - t0
+        c = interleaved({"save": save}, repeats)["save"]
+        size = (Path(tmp) / b4m.CHECKPOINT).stat().st_size
+    share = c / (every * accum * t_plp)
+    print(f"\ncheckpoint ({size / 1e6:.2f} MB) every {every} steps of {accum} forward+backward passes")
+    row("writing one checkpoint", c, 100 * share, "{:6.3f} % of the stage time, at most")
+    return share
+
+
+def sdxl_sizes(rank=64):
+    """Adapter and checkpoint bytes for SDXL at the official rank, from the layer shapes of a weightless
+    ('meta') UNet built from SDXL base 1.0's published UNet config: nothing is downloaded."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    shapes = [(m.out_features, m.in_features) for n, m in unet.named_modules() if b4m.is_target(n, m)]
+    trainable = sum((m - m // 2) * rank + rank * (n - n // 2) for m, n in shapes)  # B and D
+    adapter = sum((m + n) * rank for m, n in shapes) * 4  # U and V in fp32
+    checkpoint = 3 * trainable * 4  # B, D and AdamW's two moments, fp32
+    print(f"\nSDXL at rank {rank}: {len(shapes)} adapted projections, {trainable / 1e6:.1f}M trainable; adapter file "
+          f"{adapter / 1e6:.0f} MB (fp32), checkpoint {checkpoint / 1e6:.0f} MB + a few KB (generator, log)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=16)
@@ -204,6 +246,8 @@ def main():
     riem, added = optimizer_section(layers, plp_params, t["plp"], args.repeats)
     m_plp, m_lora = memory_section(riem, plp_params, lora_params, r)
     fused = sampling_section(unet, r, args.repeats)
+    checkpoint = checkpoint_section(riem, plp_params, t["plp"], args.repeats)
+    sdxl_sizes()
     if args.model:  # a real model's sampling would take minutes on a CPU: forward+backward only
         from diffusers import UNet2DConditionModel
 
@@ -218,7 +262,8 @@ def main():
              f"x{t['plp'] / t['frozen']:.3f}"),
             (added <= 0.02, "preconditioning adds <= 2% of a fwd+bwd over AdamW", f"{100 * added:.2f} %"),
             (2 * m_plp == m_lora, "AdamW moments exactly 1/2 of peft LoRA's", f"{m_plp / m_lora:.6f}"),
-            (fused <= 1.02, "fused sampling <= 1.02 x base", f"x{fused:.3f}")]:
+            (fused <= 1.02, "fused sampling <= 1.02 x base", f"x{fused:.3f}"),
+            (checkpoint <= 0.01, "checkpoints at the default interval <= 1% of stage time", f"{100 * checkpoint:.3f} %")]:
         print(f"  {'PASS' if ok else 'MISS'}  {label:60} {value}")
     noise = max(SPREADS)
     print(f"\nworst run-to-run spread (max - min) / median: {100 * noise:.0f} %"
