@@ -22,6 +22,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 __version__ = "0.2.0"
@@ -112,11 +115,8 @@ def remove_plp(denoiser):
 
 def lora_state_dict(layers):
     """The PLP layers as a standard diffusers LoRA: lora_B = U (m x r), lora_A = V (r x n), scale 1."""
-    sd = {}
-    for name, layer in layers.items():
-        sd[f"unet.{name}.lora_A.weight"] = layer.down.detach().float().cpu().contiguous()
-        sd[f"unet.{name}.lora_B.weight"] = layer.up.detach().float().cpu().contiguous()
-    return sd
+    return {f"unet.{name}.lora_{x}.weight": w.detach().float().cpu().contiguous()
+            for name, layer in layers.items() for x, w in (("A", layer.down), ("B", layer.up))}
 
 
 @torch.no_grad()
@@ -247,24 +247,17 @@ def encode_set(pipe, pixels, prompt):
     """Everything the loop needs from the VAE and the text encoders, computed once: the latent
     posterior (mean, std) of every image (N x 3 x H x W in [-1, 1]) and the prompt's conditioning."""
     vae, dtype = pipe.vae, pipe.vae.dtype
-    if dtype != torch.float32:
-        vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
-    mean, std = [], []
-    for x in pixels.split(4):
-        dist = vae.encode(x.to(vae.device)).latent_dist
-        mean.append(dist.mean)
-        std.append(dist.std)
-    if dtype != torch.float32:
-        vae.to(dtype=dtype)
+    vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
+    dists = [vae.encode(x.to(vae.device)).latent_dist for x in pixels.split(4)]
+    vae.to(dtype)
     sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
-    cond = encode_prompts(pipe, [prompt], pixels.shape[-1])
-    return {"mean": torch.cat(mean) * sf, "std": torch.cat(std) * sf, "cond": cond}
+    return {"mean": torch.cat([d.mean for d in dists]) * sf, "std": torch.cat([d.std for d in dists]) * sf,
+            "cond": encode_prompts(pipe, [prompt], pixels.shape[-1])}
 
 
 def denoise(unet, z_t, t, cond):
-    cond = dict(cond)
-    hidden = cond.pop("encoder_hidden_states")
-    return unet(z_t, t, encoder_hidden_states=hidden, added_cond_kwargs=cond or None).sample
+    extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}  # SDXL's pooled text and sizes
+    return unet(z_t, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=extra or None).sample
 
 
 def set_losses(unet, noise_scheduler, sets, batch_size, generator):
@@ -308,8 +301,7 @@ def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, bat
         with torch.no_grad():
             torch._foreach_copy_(params, [v.to(p.device) for p, v in zip(params, state["params"])])
         optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        scaler.load_state_dict(state["scaler"])  # a no-op unless the scaler is enabled (fp16)
         generator.set_state(state["generator"])
         start, log = state["step"], list(state["log"])
 
@@ -348,13 +340,11 @@ def break_stage(stage, unet, noise_scheduler, target, aux, *, rank, seed, steps,
     Style stage: the mirror image. target, aux: sets from encode_set. loop: train()'s keywords.
     Returns (the stage's adapter as a diffusers LoRA state dict, the loss log)."""
     layers = add_plp(unet, rank, seed, orthogonal_prior if orth_prior else random_prior)
-    B = [layer.B for layer in layers.values()]
-    D = [layer.D for layer in layers.values()]
+    B, D = [layer.B for layer in layers.values()], [layer.D for layer in layers.values()]
     own, other = (D, B) if stage == "content" else (B, D)
     optimizer = torch.optim.AdamW([{"params": own, "lr": lr}, {"params": other, "lr": aux_lr}])
-    objectives = [([target], own, torch.mean)]
-    if mcp:  # MCP: the other half learns to work with several partners
-        objectives.append((aux, other, torch.mean))
+    # MCP: the other half learns to work with several partners (--no-mcp: it is left as drawn)
+    objectives = [([target], own, torch.mean)] + [(aux, other, torch.mean)] * mcp
     try:
         log = train(steps, unet, noise_scheduler, objectives, optimizer, seeded(seed, stage), desc=stage, **loop)
     finally:
@@ -392,8 +382,7 @@ def scale_made(sd, content_scale, style_scale):
 def make_stage(unet, noise_scheduler, content, style, content_sd, style_sd, *, rank, seed, steps, lr,
                precondition=True, **loop):
     """The made adapter: reassembled, then B and D fine-tuned together on L_content + L_style."""
-    made = reassemble(content_sd, style_sd)
-    layers = add_plp(unet, rank, seed)
+    made, layers = reassemble(content_sd, style_sd), add_plp(unet, rank, seed)
     load_plp_state(layers, made)
     optimizer = (RiemannianAdamW(layers.values(), lr=lr) if precondition else
                  torch.optim.AdamW([p for layer in layers.values() for p in (layer.B, layer.D)], lr=lr))
@@ -414,7 +403,7 @@ def lora_stage(stage, unet, noise_scheduler, data, *, rank, seed, steps, lr, **l
     named = [(n, p) for n, p in unet.named_parameters() if f".{stage}." in n]
     g = seeded(seed, stage)  # peft's "gaussian" init (A ~ N(0, 1/r^2), B = 0), from our own generator
     for n, p in named:  # adapters train in fp32 whatever the model's dtype
-        p.data = torch.randn(p.shape, generator=g).to(p.device) / rank if "lora_A" in n else torch.zeros_like(p, dtype=torch.float32)
+        p.data = (torch.randn(p.shape, generator=g) / rank if "lora_A" in n else torch.zeros(p.shape)).to(p.device)
     params = [p for _, p in named]
     try:
         log = train(steps, unet, noise_scheduler, [([data], params, torch.mean)], torch.optim.AdamW(params, lr=lr),
@@ -467,29 +456,17 @@ def image_grid(rows):
     return grid
 
 
-def scale_grid(pipe, made, prompt, **sampling):
-    """The made adapter at every pair of strengths. Rows: s_s; columns: s_c; one image each, same seed."""
-    one = {**sampling, "num_samples": 1}
-    return image_grid([[generate(pipe, scale_made(made, s_c, s_s), prompt, **one)[0] for s_c in SCALES] for s_s in SCALES])
-
-
 @torch.no_grad()
 def drift_report(pipe, adapters, own_prompts, resolution, seed):
     """drift: mean squared change of the noise prediction on unrelated prompts (how much the
     adapter disturbs the base model); effect: the same on the adapter's own prompt. Same latents,
     noise and timesteps for the adapted and the base model."""
-    unet, k = pipe.unet, len(DRIFT_PROMPTS)
-    g = torch.Generator().manual_seed(seed)
+    unet, k, g = pipe.unet, len(DRIFT_PROMPTS), torch.Generator().manual_seed(seed)
     size = resolution // pipe.vae_scale_factor
     z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
-    # Mid-range timesteps: near t = 0 or T the prediction hardly depends on the prompt at all.
-    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)
-
-    def eps(prompts):
-        return denoise(unet, z, t, encode_prompts(pipe, prompts, resolution)).float()
-
-    base = eps(DRIFT_PROMPTS)
-    report = {"drift": {}, "effect": {}}
+    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)  # near t = 0 or T the prompt hardly matters
+    eps = lambda prompts: denoise(unet, z, t, encode_prompts(pipe, prompts, resolution)).float()  # noqa: E731
+    base, report = eps(DRIFT_PROMPTS), {"drift": {}, "effect": {}}
     for stage, sd in adapters.items():
         base_own = eps([own_prompts[stage]] * k)
         with lora_loaded(pipe, sd):
@@ -560,9 +537,8 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
                          f"pass a folder of images")
     if prompt is not None and not prompt.strip():
         raise UsageError(f"{flag}-prompt: the prompt is empty; give a non-empty prompt")
-    if prompt is None and (folder / "prompt.txt").is_file():
-        prompt = read_prompt(folder / "prompt.txt", flag)
-    prompt = default_prompt if prompt is None else prompt.strip()
+    if prompt is None:
+        prompt = read_prompt(folder / "prompt.txt", flag) if (folder / "prompt.txt").is_file() else default_prompt
     if prompt is None:
         raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one holding its prompt")
     images = read_images(image_files(folder), resolution)
@@ -571,18 +547,18 @@ def load_image_set(folder, flag, resolution, prompt=None, default_prompt=None):
                          f"add at least one image")
     pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
     pixels = pixels.view(len(images), resolution, resolution, 3).permute(0, 3, 1, 2)
-    return pixels.float() / 127.5 - 1, prompt
+    return pixels.float() / 127.5 - 1, prompt.strip()
 
 
-def write_file(path, data: bytes):
-    """All or nothing: a kill, a power cut or a full disk leaves the previous file (or none), never
-    half a file. open() creates files with the umask's permissions, like any other program's."""
+def write_file(path, write):
+    """write(f) fills a binary file, all or nothing: a kill, a power cut or a full disk leaves the
+    previous file (or none), never half a file. open() gives the umask's permissions, like any program."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -599,17 +575,14 @@ def save_lora(folder, sd, metadata):
     One metadata key: safetensors writes several keys in a random order, and the same run must give
     byte-identical files."""
     from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save
 
     meta = {"b4m": json.dumps(metadata, sort_keys=True)}
-    write_file(Path(folder) / WEIGHTS, save(sd, metadata=meta))
-    write_file(Path(folder) / f"{metadata['stage']}_kohya.safetensors", save(convert_state_dict_to_kohya(sd), metadata=meta))
+    for name, tensors in ((WEIGHTS, sd), (f"{metadata['stage']}_kohya.safetensors", convert_state_dict_to_kohya(sd))):
+        write_file(Path(folder) / name, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
 def load_lora(path, unet, expect):
     """Read an adapter and check it against the model and the run: keys, shapes, metadata."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             meta, sd = json.loads((f.metadata() or {}).get("b4m", "{}")), {k: f.get_tensor(k) for k in f.keys()}
@@ -632,12 +605,6 @@ def load_lora(path, unet, expect):
     return sd, meta
 
 
-def save_checkpoint(path, state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_file(path, buf.getvalue())
-
-
 def load_checkpoint(path, settings):
     """The stage's checkpoint if it was taken with these settings, else None (the stage starts over).
     weights_only: tensors, numbers and strings are read back, never arbitrary pickled objects."""
@@ -652,23 +619,17 @@ def load_checkpoint(path, settings):
 
 
 def save_image(path, image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    write_file(path, buf.getvalue())
+    write_file(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_json(path, obj):
-    write_file(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def save_csv(path, rows):
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerows([["stage", "step", "loss", "aux_loss"]] + rows)
-    write_file(path, buf.getvalue().encode())
-
-
-def csv_rows(stage, log):
-    return [[stage, step, *(f"{v:.6g}" for v in losses), *[""] * (2 - len(losses))] for step, *losses in log]
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([["stage", "step", "loss", "aux_loss"]] + rows)
+    write_file(path, lambda f: f.write(text.getvalue().encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,11 +671,6 @@ def tiny_pipeline(kind):
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def rank_limit(unet):
-    """The largest rank every adapted layer allows: min over layers of m_f + n_f (section 2)."""
-    return min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
-
-
 def check_model(model, rank):
     """Fail fast, before any weights load: a preset, a local pipeline folder, or a cached/fetchable
     hub id, whose attention layers allow the rank (checked on a weightless 'meta' copy of the UNet)."""
@@ -740,8 +696,9 @@ def check_model(model, rank):
 
 
 def check_rank(rank, unet):
-    if rank > rank_limit(unet):
-        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {rank_limit(unet)}")
+    limit = min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
+    if rank > limit:  # m_f + n_f >= r in every adapted layer (section 2)
+        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {limit}")
 
 
 def check_hub_id(model):
@@ -807,18 +764,13 @@ STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "lr", "aux_lr
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: training stopped between two steps, with a checkpoint written."""
-
-    def __init__(self, signum, message):
-        super().__init__(message)
-        self.signum = signum
+    """Ctrl-C or SIGTERM: training stopped between two steps, with a checkpoint written. (signum, message)"""
 
 
 def number(kind, ok, rule):
-    """An argparse type: kind(text), refused unless ok(value)."""
+    """An argparse type: kind(text), refused unless ok(value) (which nan never is)."""
     def parse(text):
-        value = kind(text)
-        if not ok(value):  # also refuses nan
+        if not ok(value := kind(text)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
@@ -895,16 +847,11 @@ def parse_args(argv):
                    help="frozen model precision (auto: fp16 on cuda, else fp32); adapters stay fp32")
     args = p.parse_args(argv[1:] if sample else argv)
     args.command = "sample" if sample else "train"
-    if not sample:
-        fill_defaults(args)
-    return args
-
-
-def fill_defaults(args):
-    for key, value in {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
-        if getattr(args, key, None) is None:
+    for key, value in {} if sample else {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
+        if getattr(args, key) is None:  # `sample` takes the run's settings instead
             setattr(args, key, value)
-    args.prompt = args.prompt or PROMPTS["b4m"]
+    args.prompt = args.prompt or (None if sample else PROMPTS["b4m"])
+    return args
 
 
 def pick_device(args):
@@ -921,15 +868,11 @@ def pick_device(args):
 
 def check_baseline(args):
     """The lora-merge baseline has no PLP halves: the flags that act on them would do nothing."""
-    if args.baseline == "b4m":
-        return
-    b4m_only = {"--content-scale": args.content_scale != 1, "--style-scale": args.style_scale != 1,
-                "--scale-grid": args.scale_grid, "--aux-style": getattr(args, "aux_style", []),
-                "--aux-content": getattr(args, "aux_content", []), "--no-orth-prior": getattr(args, "no_orth_prior", 0),
-                "--no-mcp": getattr(args, "no_mcp", 0), "--no-precondition": getattr(args, "no_precondition", 0)}
-    for flag, given in b4m_only.items():
-        if given:
-            raise UsageError(f"{flag}: only for B4M runs, not --baseline {args.baseline}")
+    given = {"--content-scale": args.content_scale != 1, "--style-scale": args.style_scale != 1, "--scale-grid":
+             args.scale_grid, **{"--" + k.replace("_", "-"): getattr(args, k, None) for k in
+                                 ("aux_style", "aux_content", "no_orth_prior", "no_mcp", "no_precondition")}}
+    for flag in (f for f, v in given.items() if v and args.baseline != "b4m"):
+        raise UsageError(f"{flag}: only for B4M runs, not --baseline {args.baseline}")
 
 
 def settings_of(args, stage=None):
@@ -951,8 +894,8 @@ def prepare_out(args):
     config = out / "config.json"
     if not (config.exists() or any((out / s).is_dir() for s in STAGES)):
         return set()
-    if args.overwrite:
-        for old in out.glob(f"*/{CHECKPOINT}"):
+    if args.overwrite:  # the old run's adapters and checkpoints go: a later --resume must not take them as this run's
+        for old in [*out.glob("*/*.safetensors"), *out.glob(f"*/{CHECKPOINT}")]:
             old.unlink()
         return set()
     if not args.resume:
@@ -969,12 +912,8 @@ def prepare_out(args):
                          + ", ".join(f"{k} (was {old.get(k)!r}, now {now[k]!r})" for k in differ))
     for tmp in out.glob("**/.*.tmp*"):  # left by a kill in the middle of a write
         tmp.unlink()
-    done = set()
-    for stage, keys in STAGES.items():
-        if not ((out / stage / WEIGHTS).exists() and all(old.get(k) == vars(args)[k] for k in keys)):
-            break
-        done.add(stage)
-    return done
+    kept = lambda s: (out / s / WEIGHTS).exists() and all(old.get(k) == v for k, v in settings_of(args, s).items())  # noqa: E731
+    return set(itertools.takewhile(kept, STAGES))  # a later stage depends on every earlier one
 
 
 @contextlib.contextmanager
@@ -987,7 +926,6 @@ def stop_on_signals():
         if asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
         asked.append(signum)
-
     old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield asked
@@ -1007,7 +945,8 @@ def run_stage(stage, pipe, noise_scheduler, data, adapters, args):
 
     def on_step(step, loop_state):
         if asked or args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
-            save_checkpoint(path, {**loop_state(), "settings": settings, "seconds": time.time() - t0})
+            checkpoint = {**loop_state(), "settings": settings, "seconds": time.time() - t0}
+            write_file(path, lambda f: torch.save(checkpoint, f))
         if asked:
             raise Interrupted(asked[0], f"stopped in the {stage} stage after step {step}, saved in {path}; "
                                         f"run the same command with --resume to continue from there")
@@ -1048,8 +987,7 @@ def train_main(args):
     # Absolute paths in config.json: `sample`, `--resume` and evaluate.py work from any folder.
     args.content, args.style = str(Path(args.content).resolve()), str(Path(args.style).resolve())
     args.aux_style, args.aux_content = ([str(Path(d).resolve()) for d in ds] for ds in (args.aux_style, args.aux_content))
-    if Path(args.model).exists():
-        args.model = str(Path(args.model).resolve())
+    args.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     done = prepare_out(args)
 
     pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
@@ -1067,12 +1005,15 @@ def train_main(args):
     data["aux_style"] = [encode_set(pipe, *px_prompt) for px_prompt in aux_content_px] or [data["content"]]
 
     out = Path(args.out)
+    import diffusers
+    import transformers
+
+    versions = {"b4m": __version__, **{m.__name__: m.__version__ for m in (torch, diffusers, transformers)}}
     save_json(out / "config.json", {"settings": {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")},
-                                    "versions": versions()})
+                                    "versions": versions})
     log, adapters = [], {}
     if done:
-        with open(out / "losses.csv", newline="") as f:
-            log = [row for row in list(csv.reader(f))[1:] if row[0] in done]
+        log = [row for row in list(csv.reader((out / "losses.csv").read_text().splitlines()))[1:] if row[0] in done]
     seconds = read_report(out).get("seconds", {}) if done else {}  # a new or overwritten run starts a new report
     for stage in STAGES:
         if stage in done:
@@ -1081,21 +1022,12 @@ def train_main(args):
             continue
         (adapters[stage], stage_log), seconds[stage] = run_stage(stage, pipe, noise_scheduler, data, adapters, args)
         save_lora(out / stage, adapters[stage], adapter_metadata(args, stage))
-        log += csv_rows(stage, stage_log)
+        log += [[stage, step, *(f"{v:.6g}" for v in losses), *[""] * (2 - len(losses))] for step, *losses in stage_log]
         save_csv(out / "losses.csv", log)
         save_json(out / "report.json", {"seconds": {k: round(v, 3) for k, v in seconds.items()}})
         (out / stage / CHECKPOINT).unlink(missing_ok=True)
     finish(pipe, adapters, args)
-    print(f"wrote {out}: content/, style/, b4m/ (each {WEIGHTS} and <stage>_kohya.safetensors), config.json, "
-          f"losses.csv, report.json, samples/", file=sys.stderr)
-
-
-def versions():
-    import diffusers
-    import transformers
-
-    return {"b4m": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
+    print(f"wrote {out}: content/, style/, b4m/ (adapters), config.json, losses.csv, report.json", file=sys.stderr)
 
 
 def read_report(out):
@@ -1108,8 +1040,10 @@ def finish(pipe, adapters, args, report=True):
     for old in (out / "samples").glob("*.png"):  # samples/ holds the latest sampling only: evaluate.py reads it all
         old.unlink()
     sampling = dict(num_samples=args.num_samples, steps=args.sample_steps, resolution=args.sample_resolution, seed=args.seed)
-    if args.scale_grid:
-        save_image(out / "samples" / "scale_grid.png", scale_grid(pipe, adapters["b4m"], args.prompt, **sampling))
+    if args.scale_grid:  # the made adapter at every pair of strengths: rows s_s, columns s_c, one image each
+        one = {**sampling, "num_samples": 1}
+        cells = [[generate(pipe, scale_made(adapters["b4m"], c, s), args.prompt, **one)[0] for c in SCALES] for s in SCALES]
+        save_image(out / "samples" / "scale_grid.png", image_grid(cells))
     if (args.content_scale, args.style_scale) != (1, 1):
         adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
     prompts, rows = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}, []
@@ -1156,16 +1090,15 @@ def sample_main(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         (sample_main if args.command == "sample" else train_main)(args)
     except UsageError as e:
         print(f"b4m: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"\nb4m: {e}", file=sys.stderr)
-        return 128 + e.signum
+        print(f"\nb4m: {e.args[1]}", file=sys.stderr)
+        return 128 + e.args[0]
     except KeyboardInterrupt:
         print("\nb4m: stopped at once; what was saved is kept: run the same command with --resume", file=sys.stderr)
         return 130

@@ -643,6 +643,13 @@ def test_overwrite_replaces_a_run(sd_run, tmp_path, capsys):
                          "--out", out, *FAST, "--seed", "1", "--overwrite"], capsys)
     assert code == 0, err
     assert (out / "b4m" / b4m.WEIGHTS).read_bytes() != (sd_run / "b4m" / b4m.WEIGHTS).read_bytes()
+    # An overwriting run that stops early leaves none of the old run's adapters for --resume to keep.
+    shutil.rmtree(out)
+    shutil.copytree(sd_run, out)
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--lr", "1e30", "--overwrite"], capsys)
+    assert code == 2 and "content stage, step 2: the loss is not finite" in err
+    assert sorted(p.name for p in out.rglob("*.safetensors")) == []
 
 
 def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
