@@ -192,10 +192,9 @@ class RiemannianAdamW(torch.optim.AdamW):
     Why: the first-order change of dW under a preconditioned step depends only on the column space
     of U and the row space of V, so it is the same for every factorisation (U M, M^-1 V) of dW.
     Plain gradients are not: they favour whichever factor happens to be larger. The preconditioners
-    use the full U and V (frozen A and C included), read afresh at every step. Layers of one shape
-    go through riemannian_precondition in one batched call. Two parameter groups, all B and all D:
-    the two trained halves, each clipped on its own by the training loop. (The official make
-    script's preconditioned step ran after the gradients had been zeroed, so it never acted.)
+    use the full U and V (A and C included) as they are at each step, batched over layers of one
+    shape. Two parameter groups, all B and all D: the two halves, clipped apart by the training loop.
+    (The official make script's preconditioned step ran after the gradients were zeroed: it never acted.)
     """
 
     def __init__(self, layers, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=1e-6):
@@ -213,11 +212,9 @@ class RiemannianAdamW(torch.optim.AdamW):
         for group in self.shapes.values():
             if any(layer.B.grad is None or layer.D.grad is None for layer in group):
                 raise ValueError("RiemannianAdamW: every layer needs gradients for both B and D")
-            stack = lambda get: torch.stack([get(layer) for layer in group])  # noqa: E731
-            grads = riemannian_precondition(stack(lambda l: l.up), stack(lambda l: l.down), stack(lambda l: l.B.grad),
-                                            stack(lambda l: l.D.grad), self.delta)
-            for layer, gB, gD in zip(group, *grads):
-                layer.B.grad, layer.D.grad = gB, gD  # p.grad replaced by its preconditioned value
+            U, V, G_B, G_D = (torch.stack(t) for t in zip(*[(x.up, x.down, x.B.grad, x.D.grad) for x in group]))
+            for layer, P_B, P_D in zip(group, *riemannian_precondition(U, V, G_B, G_D, self.delta)):
+                layer.B.grad, layer.D.grad = P_B, P_D  # p.grad replaced by its preconditioned value
         return super().step()
 
 
@@ -282,7 +279,7 @@ def set_losses(unet, noise_scheduler, sets, batch_size, generator):
 
 
 def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, batch_size, grad_accum,
-          max_grad_norm, state=None, on_step=None, desc=None):
+          max_grad_norm, state=None, on_step=lambda step, loop_state: None, desc=None):
     """The one training loop of every stage; returns the loss log [[step, loss, aux loss], ...].
     objectives: [(sets, params, reduce), ...]; each objective's loss is backpropagated into its own
     params only (Tensor.backward(inputs=...)), which is the exact gradient routing of section 4.
@@ -328,8 +325,7 @@ def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, bat
         optimizer.zero_grad(set_to_none=True)
         log.append([step, *totals])
         bar.set_postfix(loss=f"{totals[0]:.4f}")
-        if on_step:
-            on_step(step, loop_state)
+        on_step(step, loop_state)
     bar.close()
     return log
 
@@ -702,16 +698,14 @@ def check_rank(rank, unet):
 
 
 def check_hub_id(model):
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-    from huggingface_hub.utils import validate_repo_id
+    import huggingface_hub as hub
 
     try:
-        validate_repo_id(model)
+        hub.utils.validate_repo_id(model)
     except Exception:
         raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
                          f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
-    if not isinstance(try_to_load_from_cache(model, "model_index.json"), str) and HF_HUB_OFFLINE:
+    if not isinstance(hub.try_to_load_from_cache(model, "model_index.json"), str) and hub.constants.HF_HUB_OFFLINE:
         raise UsageError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"run `huggingface-cli download {model}` with network access, or pass a local folder")
 
@@ -802,8 +796,7 @@ def parse_args(argv):
         p.add_argument("--report", action="store_true", help="recompute report.json (drift and effect)")
     else:
         p = Parser(prog="b4m.py", description="Train B4M: content stage, style stage, make; then sample.",
-                   epilog="Images: png, jpg/jpeg, webp, bmp, gif, any case. Unreadable images are skipped with a "
-                          "warning naming each. `python b4m.py sample -h`: sampling again.")
+                   epilog="Images: png, jpg/jpeg, webp, bmp, gif. `python b4m.py sample -h`: sampling again.")
         p.add_argument("--content", required=True, help="folder of content images (prompt.txt optional)")
         p.add_argument("--style", required=True, help="folder of style images (prompt.txt optional)")
         p.add_argument("--content-prompt", help=f"default: the folder's prompt.txt, else '{PROMPTS['content']}'")
@@ -825,15 +818,13 @@ def parse_args(argv):
         p.add("--seed", type=int)
         p.add("--checkpoint-every", "optimizer steps between checkpoints; 0 = only on Ctrl-C/SIGTERM", type=STEPS)
         p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL on small GPUs)")
-        p.add_argument("--resume", action="store_true", help="continue the run in --out: finished stages with matching "
-                       "settings are kept, an interrupted one continues from its checkpoint")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
         p.add_argument("--no-orth-prior", action="store_true", help="ablation: A, C drawn independently")
         p.add_argument("--no-mcp", action="store_true", help="ablation: no auxiliary loss in the break stages")
         p.add_argument("--no-precondition", action="store_true", help="ablation: plain AdamW in make")
         p.add_argument("--baseline", choices=["b4m", "lora-merge"], default="b4m",
-                       help="lora-merge: two ordinary LoRAs trained apart on the target sets and summed "
-                            "(the paper's naive baseline; takes none of the B4M-only flags)")
+                       help="lora-merge: the paper's naive baseline, two ordinary LoRAs trained apart and summed")
     p.add_argument("--prompt", help=f"combined prompt for the made adapter (default: '{PROMPTS['b4m']}')")
     p.add("--num-samples", "images per prompt", type=POSITIVE_INT)
     p.add("--sample-steps", "sampling steps", type=POSITIVE_INT)
