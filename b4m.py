@@ -244,9 +244,9 @@ def encode_set(pipe, pixels, prompt):
     """Everything the loop needs from the VAE and the text encoders, computed once: the latent
     posterior (mean, std) of every image (N x 3 x H x W in [-1, 1]) and the prompt's conditioning."""
     vae, dtype = pipe.vae, pipe.vae.dtype
-    vae.to(torch.float32)  # encode in fp32: SD/SDXL VAEs overflow in fp16
+    vae.float()  # encode in fp32: SD/SDXL VAEs overflow in fp16 (float()/type(): no diffusers .to() warning)
     dists = [vae.encode(x.to(vae.device)).latent_dist for x in pixels.split(4)]
-    vae.to(dtype)
+    vae.type(dtype)
     sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
     return {"mean": torch.cat([d.mean for d in dists]) * sf, "std": torch.cat([d.std for d in dists]) * sf,
             "cond": encode_prompts(pipe, [prompt], pixels.shape[-1])}
@@ -284,7 +284,7 @@ def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, bat
     objectives: [(sets, params, reduce), ...]; each objective's loss is backpropagated into its own
     params only (Tensor.backward(inputs=...)), which is the exact gradient routing of section 4.
     Each optimizer param group (a trained half) is clipped to max_grad_norm (0: off), as the
-    official scripts clip each half. state: what a checkpoint holds (loop_state below), to continue
+    official break scripts clip each half. state: what a checkpoint holds (loop_state below), to continue
     exactly where it was taken. on_step(step, loop_state) runs after every optimizer step; it may
     save the state, or raise to stop the loop between two steps."""
     # fp16 models: backward through fp16 activations underflows without loss scaling (as in diffusers'
