@@ -52,6 +52,13 @@ def test_plp_reconstruction_identity_and_forward():
     assert torch.allclose(layer(x), x @ W.T + layer.base.bias, atol=1e-12)
 
 
+def test_halves_are_the_blocks_of_the_layer():
+    layer = plp(m=13, n=9, r=4)  # odd sizes: m_f = 6 of 13 rows, n_f = 4 of 9 columns frozen
+    for mine, theirs in zip(b4m.halves(layer.up, layer.down), (layer.A, layer.B, layer.C, layer.D)):
+        assert torch.equal(mine, theirs)
+    assert layer.A.shape == (6, 4) and layer.C.shape == (4, 4)
+
+
 def test_plp_keeps_dtype_and_adapter_stays_fp32_under_bf16():
     layer = b4m.PLPLinear(nn.Linear(8, 8).to(torch.bfloat16), 2, torch.Generator().manual_seed(0))
     assert layer.B.dtype == layer.A.dtype == torch.float32
@@ -280,9 +287,8 @@ def test_run_writes_every_output(sd_run):
                     "base_model": "tiny", "version": b4m.__version__}
 
 
-def split(sd, key):
-    U, V = sd[key], sd[key.replace("lora_B", "lora_A")]
-    return U[: U.shape[0] // 2], U[U.shape[0] // 2:], V[:, : V.shape[1] // 2], V[:, V.shape[1] // 2:]
+def split(sd, key):  # (A, B, C, D) of the layer whose lora_B key this is
+    return b4m.halves(sd[key], sd[key.replace("lora_B", "lora_A")])
 
 
 def test_A_and_C_identical_across_the_three_files_and_make_starts_from_the_halves(sd_run):
@@ -842,6 +848,7 @@ def test_sample_exports_the_scaled_adapter_and_renders_the_scale_grid(sd_run, tm
                          tmp_path / "export", "--scale-grid", "--num-samples", "1"], capsys)
     assert code == 0, err
     exported, meta = b4m.load_lora(tmp_path / "export" / b4m.WEIGHTS, tiny_unet(), {"stage": "b4m"})
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["b4m_kohya.safetensors", b4m.WEIGHTS]
     expected = b4m.scale_made(load(run / "b4m" / b4m.WEIGHTS), 0.5, 1.5)
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
     assert meta["content_scale"] == 0.5 and meta["style_scale"] == 1.5
@@ -1121,3 +1128,15 @@ def test_sample_resolution_is_the_model_size_unless_given(sd_run, tmp_path, caps
     assert code == 0, err
     assert Image.open(run / "samples" / "grid.png").size == (32, 3 * 32)
     assert json.loads((run / "report.json").read_text())["drift"] == report["drift"]  # at the training size
+
+
+def test_the_readme_states_the_defaults_the_code_has():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    d = b4m.DEFAULTS
+    sci = lambda v: f"{v:.0e}".replace("e-0", "e-")  # noqa: E731  1e-4, as the README writes it
+    for claim in [f"rank {d['rank']}", f"{d['resolution']} px training", f"batch {d['batch_size']} with gradient "
+                  f"accumulation {d['grad_accum']}", f"lr {sci(d['lr'])} for a stage's own half", f"{sci(d['aux_lr'])} for the "
+                  f"auxiliary half", f"make lr {sci(d['make_lr'])}", f"clipping at norm {d['max_grad_norm']}",
+                  f"{d['sample_steps']} sampling steps", f"pass {d['steps']} steps", f"seed {d['seed']} for training",
+                  f"{d['num_samples']} samples per prompt", f"a checkpoint every {d['checkpoint_every']} steps"]:
+        assert claim in text, claim
