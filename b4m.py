@@ -8,11 +8,10 @@ model with partly learnable LoRA projections (PLP).
     Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
 
 Sections, in the method's order: 1. a LoRA `dW = U V` split into frozen and trainable halves (PLP);
-2. the frozen halves cut from one orthonormal basis; 3. the Riemannian-preconditioned AdamW;
-4. break: one PLP learns the content in the down projection, another the style in the up
-projection; 5. make: the two reassembled into one LoRA and fine-tuned briefly with 3.; 6. sample:
-the result is an ordinary diffusers LoRA. Sections 1-6 take plain values and touch no files; around
-them: 7. files (image folders in; adapters, checkpoints, samples out), 8. models, 9. the command line.
+2. the frozen halves cut from one orthonormal basis; 3. the Riemannian-preconditioned AdamW; 4. break:
+one PLP learns the content in the down projection, another the style in the up projection; 5. make: the
+two reassembled into one LoRA, fine-tuned briefly with 3.; 6. sample: an ordinary diffusers LoRA.
+Sections 1-6 take plain values and touch no files; 7. files, 8. models and 9. the command line wrap them.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -29,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
@@ -296,7 +296,8 @@ def train(steps, unet, noise_scheduler, objectives, optimizer, generator, *, bat
         if [tuple(p.shape) for p in params] != [tuple(v.shape) for v in state["params"]]:
             raise ValueError("the checkpoint holds parameters of other shapes than this stage trains")
         with torch.no_grad():
-            torch._foreach_copy_(params, [v.to(p.device) for p, v in zip(params, state["params"])])
+            for p, value in zip(params, state["params"]):
+                p.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])  # a no-op unless the scaler is enabled (fp16)
         generator.set_state(state["generator"])
@@ -339,8 +340,9 @@ def break_stage(stage, unet, noise_scheduler, target, aux, *, rank, seed, steps,
     B, D = [layer.B for layer in layers.values()], [layer.D for layer in layers.values()]
     own, other = (D, B) if stage == "content" else (B, D)
     optimizer = torch.optim.AdamW([{"params": own, "lr": lr}, {"params": other, "lr": aux_lr}])
-    # MCP: the other half learns to work with several partners (--no-mcp: it is left as drawn)
-    objectives = [([target], own, torch.mean)] + [(aux, other, torch.mean)] * mcp
+    objectives = [([target], own, torch.mean)]
+    if mcp:  # MCP: the other half learns to work with several partners (--no-mcp: it stays as drawn)
+        objectives.append((aux, other, torch.mean))
     try:
         log = train(steps, unet, noise_scheduler, objectives, optimizer, seeded(seed, stage), desc=stage, **loop)
     finally:
@@ -379,10 +381,11 @@ def make_stage(unet, noise_scheduler, content, style, content_sd, style_sd, *, r
                precondition=True, **loop):
     """The made adapter: reassembled, then B and D fine-tuned together on L_content + L_style."""
     made, layers = reassemble(content_sd, style_sd), add_plp(unet, rank, seed)
-    load_plp_state(layers, made)
-    optimizer = (RiemannianAdamW(layers.values(), lr=lr) if precondition else
-                 torch.optim.AdamW([p for layer in layers.values() for p in (layer.B, layer.D)], lr=lr))
-    objectives = [([content, style], [p for g in optimizer.param_groups for p in g["params"]], torch.sum)]
+    load_plp_state(layers, made)  # every block of the fresh draw replaced
+    B, D = [layer.B for layer in layers.values()], [layer.D for layer in layers.values()]
+    # Either way two parameter groups, all B and all D, so that each half is clipped on its own.
+    optimizer = RiemannianAdamW(layers.values(), lr=lr) if precondition else torch.optim.AdamW([{"params": B}, {"params": D}], lr=lr)
+    objectives = [([content, style], B + D, torch.sum)]
     try:  # L_content + L_style in one forward
         log = train(steps, unet, noise_scheduler, objectives, optimizer, seeded(seed, "b4m"), desc="b4m", **loop)
     finally:
@@ -472,7 +475,7 @@ def drift_report(pipe, adapters, own_prompts, resolution, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Files: image folders in; every write atomic and durable (temporary file in the same folder,
+# 7. Files: image folders in; every write all or nothing (temporary file in the same folder,
 #    fsync, os.replace), with the umask's permissions; adapters in safetensors (no pickle), in
 #    diffusers' key layout and, beside it, in the kohya layout that ComfyUI and AUTOMATIC1111 read.
 # ---------------------------------------------------------------------------------------------
@@ -559,21 +562,22 @@ def write_file(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free some space or choose another --out") from None
+        raise UsageError(f"{path}: cannot write ({e.strerror or e}); free some space or write elsewhere") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
 def save_lora(folder, sd, metadata):
-    """folder/pytorch_lora_weights.safetensors (diffusers, peft keys) and folder/<stage>_kohya.safetensors
-    (kohya keys: lora_unet_<module>.lora_down/lora_up/alpha, alpha = rank so the scale stays 1).
+    """folder/<stage>_kohya.safetensors (kohya keys: lora_unet_<module>.lora_down/lora_up/alpha, alpha =
+    rank so the scale stays 1), then folder/pytorch_lora_weights.safetensors (peft keys), whose presence
+    marks a finished stage.
     One metadata key: safetensors writes several keys in a random order, and the same run must give
     byte-identical files."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     meta = {"b4m": json.dumps(metadata, sort_keys=True)}
-    for name, tensors in ((WEIGHTS, sd), (f"{metadata['stage']}_kohya.safetensors", convert_state_dict_to_kohya(sd))):
+    for name, tensors in ((f"{metadata['stage']}_kohya.safetensors", convert_state_dict_to_kohya(sd)), (WEIGHTS, sd)):
         write_file(Path(folder) / name, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
@@ -602,15 +606,11 @@ def load_lora(path, unet, expect):
 
 
 def load_checkpoint(path, settings):
-    """The stage's checkpoint if it was taken with these settings, else None (the stage starts over).
-    weights_only: tensors, numbers and strings are read back, never arbitrary pickled objects."""
+    """The stage's checkpoint if taken with these settings, else None. weights_only: no arbitrary pickles."""
     try:
-        state = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        return None
+        state = torch.load(path, weights_only=True, map_location="cpu")  # the optimizer moves its state back
     except Exception as e:
-        print(f"warning: {path}: unreadable ({type(e).__name__}); the stage starts over", file=sys.stderr)
-        return None
+        raise UsageError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start the stage over")
     return state if state.get("settings") == settings else None
 
 
@@ -676,10 +676,18 @@ def check_model(model, rank):
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"--model {model}: this folder holds no diffusers pipeline (no model_index.json); "
                          f"pass a folder written by save_pretrained, a hub id, or tiny / tiny-sdxl")
-    if not path.exists():
-        check_hub_id(model)
+    import huggingface_hub as hub
     from diffusers import UNet2DConditionModel
 
+    if not path.exists():
+        try:
+            hub.utils.validate_repo_id(model)
+        except Exception:
+            raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
+                             f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
+        if not isinstance(hub.try_to_load_from_cache(model, "model_index.json"), str) and hub.constants.HF_HUB_OFFLINE:
+            raise UsageError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             f"run `huggingface-cli download {model}` with network access, or pass a local folder")
     try:
         config = UNet2DConditionModel.load_config(model, subfolder="unet")
         with torch.device("meta"):
@@ -695,19 +703,6 @@ def check_rank(rank, unet):
     limit = min(m.out_features // 2 + m.in_features // 2 for n, m in unet.named_modules() if is_target(n, m))
     if rank > limit:  # m_f + n_f >= r in every adapted layer (section 2)
         raise UsageError(f"--rank {rank}: this model's smallest attention projection allows at most {limit}")
-
-
-def check_hub_id(model):
-    import huggingface_hub as hub
-
-    try:
-        hub.utils.validate_repo_id(model)
-    except Exception:
-        raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
-                         f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
-    if not isinstance(hub.try_to_load_from_cache(model, "model_index.json"), str) and hub.constants.HF_HUB_OFFLINE:
-        raise UsageError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                         f"run `huggingface-cli download {model}` with network access, or pass a local folder")
 
 
 def load_pipeline(model, device, dtype):
@@ -783,7 +778,8 @@ class Parser(argparse.ArgumentParser):
         """A flag whose default lives in DEFAULTS (and TINY): filled in after parsing, named in the help."""
         key = flag[2:].replace("-", "_")
         tiny = f"; tiny: {TINY[key]}" if key in TINY else ""
-        self.add_argument(flag, help=f"{text} (default {DEFAULTS[key]}{tiny})".lstrip(), **kw)
+        default = "the run's" if self.prog.endswith("sample") else f"{DEFAULTS[key]}{tiny}"
+        self.add_argument(flag, help=f"{text} (default {default})".lstrip(), **kw)
 
 
 def parse_args(argv):
@@ -846,9 +842,8 @@ def parse_args(argv):
 
 
 def pick_device(args):
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = auto if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: not available on this machine; use --device cpu or auto")
     dtype = args.dtype if args.dtype != "auto" else "fp16" if device == "cuda" else "fp32"
@@ -886,8 +881,9 @@ def prepare_out(args):
     if not (config.exists() or any((out / s).is_dir() for s in STAGES)):
         return set()
     if args.overwrite:  # the old run's adapters and checkpoints go: a later --resume must not take them as this run's
-        for old in [*out.glob("*/*.safetensors"), *out.glob(f"*/{CHECKPOINT}")]:
-            old.unlink()
+        for stage in STAGES:
+            for name in (WEIGHTS, f"{stage}_kohya.safetensors", CHECKPOINT):
+                (out / stage / name).unlink(missing_ok=True)
         return set()
     if not args.resume:
         raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it, --overwrite to "
@@ -901,10 +897,14 @@ def prepare_out(args):
     if differ:
         raise UsageError(f"--resume: settings differ from the run in {out}: "
                          + ", ".join(f"{k} (was {old.get(k)!r}, now {now[k]!r})" for k in differ))
-    for tmp in out.glob("**/.*.tmp*"):  # left by a kill in the middle of a write
-        tmp.unlink()
+    for folder in (out, out / "samples", *(out / s for s in STAGES)):  # left by a kill in the middle of a write
+        for tmp in folder.glob(".*.tmp[0-9]*"):
+            tmp.unlink()
     kept = lambda s: (out / s / WEIGHTS).exists() and all(old.get(k) == v for k, v in settings_of(args, s).items())  # noqa: E731
-    return set(itertools.takewhile(kept, STAGES))  # a later stage depends on every earlier one
+    done = set(itertools.takewhile(kept, STAGES))  # a later stage depends on every earlier one
+    for stage in done:  # a kill between a stage's last write and this deletion leaves one behind
+        (out / stage / CHECKPOINT).unlink(missing_ok=True)
+    return done
 
 
 @contextlib.contextmanager
@@ -925,11 +925,11 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-def run_stage(stage, pipe, noise_scheduler, data, adapters, args):
-    """One stage of sections 4-5, continued from its checkpoint when one matches; checkpoints every
-    --checkpoint-every steps and on Ctrl-C/SIGTERM. Returns (adapter, loss log)."""
+def run_stage(stage, pipe, noise_scheduler, data, adapters, args, asked):
+    """One stage of sections 4-5, continued from its checkpoint when one matches; a checkpoint every
+    --checkpoint-every steps, and where a signal in `asked` stops it. Returns ((adapter, loss log), seconds)."""
     path, settings = Path(args.out) / stage / CHECKPOINT, settings_of(args, stage)
-    state = load_checkpoint(path, settings) if args.resume else None
+    state = load_checkpoint(path, settings) if args.resume and path.exists() else None
     if state:
         print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
     total, t0 = args.make_steps if stage == "b4m" else args.steps, time.time() - (state or {}).get("seconds", 0)
@@ -944,23 +944,21 @@ def run_stage(stage, pipe, noise_scheduler, data, adapters, args):
 
     kw = dict(rank=args.rank, seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
               max_grad_norm=args.max_grad_norm, state=state, on_step=on_step)
-    with stop_on_signals() as asked:
-        try:
-            if args.baseline == "lora-merge":
-                result = ((merge_loras(adapters["content"], adapters["style"]), []) if stage == "b4m" else
-                          lora_stage(stage, pipe.unet, noise_scheduler, data[stage], steps=args.steps, lr=args.lr, **kw))
-            elif stage == "b4m":
-                result = make_stage(pipe.unet, noise_scheduler, data["content"], data["style"], adapters["content"],
-                                    adapters["style"], steps=args.make_steps, lr=args.make_lr,
-                                    precondition=not args.no_precondition, **kw)
-            else:
-                result = break_stage(stage, pipe.unet, noise_scheduler, data[stage], data["aux_" + stage],
-                                     steps=args.steps, lr=args.lr, aux_lr=args.aux_lr, mcp=not args.no_mcp,
-                                     orth_prior=not args.no_orth_prior, **kw)
-        except FloatingPointError as e:
-            raise UsageError(f"{stage} stage, {e}; lower --lr/--aux-lr/--make-lr (finished stages are kept)") from None
-        except ValueError as e:
-            raise UsageError(f"{stage} stage: {e}") from None
+    try:
+        if args.baseline == "lora-merge":
+            result = ((merge_loras(adapters["content"], adapters["style"]), []) if stage == "b4m" else
+                      lora_stage(stage, pipe.unet, noise_scheduler, data[stage], steps=args.steps, lr=args.lr, **kw))
+        elif stage == "b4m":
+            result = make_stage(pipe.unet, noise_scheduler, data["content"], data["style"], adapters["content"],
+                                adapters["style"], steps=args.make_steps, lr=args.make_lr,
+                                precondition=not args.no_precondition, **kw)
+        else:
+            result = break_stage(stage, pipe.unet, noise_scheduler, data[stage], data["aux"][stage], steps=args.steps,
+                                 lr=args.lr, aux_lr=args.aux_lr, mcp=not args.no_mcp, orth_prior=not args.no_orth_prior, **kw)
+    except FloatingPointError as e:
+        raise UsageError(f"{stage} stage, {e}; lower --lr/--aux-lr/--make-lr (finished stages are kept)") from None
+    except ValueError as e:  # the method's own refusals (scaffolds that differ, a checkpoint of other shapes)
+        raise UsageError(f"{stage} stage: {e}") from None
     return result, time.time() - t0
 
 
@@ -990,33 +988,33 @@ def train_main(args):
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training-time forward process
     data = {"content": encode_set(pipe, content_px, args.content_prompt), "style": encode_set(pipe, style_px, args.style_prompt)}
-    # With no auxiliary sets, each stage pairs with the other target set: b4m's own default (the
-    # official scripts require three auxiliary folders and have no single-set path).
-    data["aux_content"] = [encode_set(pipe, *px_prompt) for px_prompt in aux_style_px] or [data["style"]]
-    data["aux_style"] = [encode_set(pipe, *px_prompt) for px_prompt in aux_content_px] or [data["content"]]
+    # The sets each break stage trains its other half on. With none given, the other target set:
+    # b4m's own default (the official scripts require three auxiliary folders, no single-set path).
+    data["aux"] = {"content": [encode_set(pipe, *px_prompt) for px_prompt in aux_style_px] or [data["style"]],
+                   "style": [encode_set(pipe, *px_prompt) for px_prompt in aux_content_px] or [data["content"]]}
 
     out = Path(args.out)
-    import diffusers
-    import transformers
-
-    versions = {"b4m": __version__, **{m.__name__: m.__version__ for m in (torch, diffusers, transformers)}}
+    versions = {"b4m": __version__, **{p: package_version(p) for p in ("torch", "diffusers", "transformers")}}
     save_json(out / "config.json", {"settings": {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")},
                                     "versions": versions})
     log, adapters = [], {}
     if done:
         log = [row for row in list(csv.reader((out / "losses.csv").read_text().splitlines()))[1:] if row[0] in done]
     seconds = read_report(out).get("seconds", {}) if done else {}  # a new or overwritten run starts a new report
-    for stage in STAGES:
-        if stage in done:
-            adapters[stage] = load_lora(out / stage / WEIGHTS, pipe.unet, adapter_metadata(args, stage))[0]
-            print(f"{stage}: kept {out / stage / WEIGHTS} (--resume)", file=sys.stderr)
-            continue
-        (adapters[stage], stage_log), seconds[stage] = run_stage(stage, pipe, noise_scheduler, data, adapters, args)
-        save_lora(out / stage, adapters[stage], adapter_metadata(args, stage))
-        log += [[stage, step, *(f"{v:.6g}" for v in losses), *[""] * (2 - len(losses))] for step, *losses in stage_log]
-        save_csv(out / "losses.csv", log)
-        save_json(out / "report.json", {"seconds": {k: round(v, 3) for k, v in seconds.items()}})
-        (out / stage / CHECKPOINT).unlink(missing_ok=True)
+    with stop_on_signals() as asked:
+        for stage in STAGES:
+            if stage in done:
+                adapters[stage] = load_lora(out / stage / WEIGHTS, pipe.unet, adapter_metadata(args, stage))[0]
+                print(f"{stage}: kept {out / stage / WEIGHTS} (--resume)", file=sys.stderr)
+                continue
+            (adapters[stage], stage_log), seconds[stage] = run_stage(stage, pipe, noise_scheduler, data, adapters, args, asked)
+            log += [[stage, step, *(f"{v:.6g}" for v in losses), *[""] * (2 - len(losses))] for step, *losses in stage_log]
+            save_csv(out / "losses.csv", log)
+            save_json(out / "report.json", {"seconds": {k: round(v, 3) for k, v in seconds.items()}})
+            save_lora(out / stage, adapters[stage], adapter_metadata(args, stage))  # the mark of a finished stage
+            (out / stage / CHECKPOINT).unlink(missing_ok=True)
+            if asked:  # a signal after the stage's last step
+                raise Interrupted(asked[0], f"stopped after the {stage} stage (saved); run it again with --resume")
     finish(pipe, adapters, args)
     print(f"wrote {out}: content/, style/, b4m/ (adapters), config.json, losses.csv, report.json", file=sys.stderr)
 
@@ -1069,6 +1067,8 @@ def sample_main(args):
     missing = [s for s in STAGES if not (run / s / WEIGHTS).is_file()]
     if missing:
         raise UsageError(f"--run {run}: no {missing[0]}/{WEIGHTS}; finish the run first (--resume)")
+    if args.export and Path(args.export).resolve() in [(run / s).resolve() for s in STAGES]:
+        raise UsageError(f"--export {args.export}: a stage folder of the run, which it would overwrite; pick another folder")
     check_model(args.model, args.rank)
     pipe = load_pipeline(args.model, device, DTYPES[dtype])
     adapters = {s: load_lora(run / s / WEIGHTS, pipe.unet, adapter_metadata(argparse.Namespace(**config), s))[0]

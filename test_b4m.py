@@ -675,8 +675,8 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(tmp_path,
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
                          "--out", out, *FAST], capsys)
     assert code == 2
-    assert err.strip().splitlines()[-1] == (f"b4m: error: {out / 'style' / b4m.WEIGHTS}: cannot write (No space left "
-                                            f"on device); free some space or choose another --out")
+    assert err.strip().splitlines()[-1] == (f"b4m: error: {out / 'style' / 'style_kohya.safetensors'}: cannot write (No space left "
+                                            f"on device); free some space or write elsewhere")
     assert sorted(p.name for p in (out / "content").iterdir()) == ["content_kohya.safetensors", b4m.WEIGHTS]
     b4m.load_lora(out / "content" / b4m.WEIGHTS, tiny_unet(), {"stage": "content"})
     assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == [] and not (out / "style" / b4m.WEIGHTS).exists()
@@ -849,6 +849,8 @@ def test_sample_exports_the_scaled_adapter_and_renders_the_scale_grid(sd_run, tm
     assert code == 0, err
     exported, meta = b4m.load_lora(tmp_path / "export" / b4m.WEIGHTS, tiny_unet(), {"stage": "b4m"})
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["b4m_kohya.safetensors", b4m.WEIGHTS]
+    code, err = run_b4m(["sample", "--run", run, "--export", run / "b4m", "--content-scale", "0.5"], capsys)
+    assert code == 2 and "a stage folder of the run, which it would overwrite" in err
     expected = b4m.scale_made(load(run / "b4m" / b4m.WEIGHTS), 0.5, 1.5)
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
     assert meta["content_scale"] == 0.5 and meta["style_scale"] == 1.5
