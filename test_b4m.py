@@ -1,6 +1,7 @@
 """Tests for b4m.py, in the order of its sections. Math is checked in float64 against the paper's
 identities; the pipeline is checked end to end on the tiny random SD/SDXL pipelines (offline)."""
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -1142,3 +1143,86 @@ def test_the_readme_states_the_defaults_the_code_has():
                   f"{d['sample_steps']} sampling steps", f"pass {d['steps']} steps", f"seed {d['seed']} for training",
                   f"{d['num_samples']} samples per prompt", f"a checkpoint every {d['checkpoint_every']} steps"]:
         assert claim in text, claim
+
+
+# examples/toyworld.py: the world, the evaluator, the shipped model, and a content stage that teaches
+# it a shape it has never seen. Real models, no mocks.
+
+spec = importlib.util.spec_from_file_location("toyworld", EXAMPLES / "toyworld.py")
+toyworld = importlib.util.module_from_spec(spec)
+sys.modules["toyworld"] = toyworld
+spec.loader.exec_module(toyworld)
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return toyworld.load_model()
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return toyworld.load_evaluator()
+
+
+def test_world_is_deterministic_for_a_seed():
+    a, b = toyworld.draw("star", "zebra", 7), toyworld.draw("star", "zebra", 7)
+    assert a.size == (32, 32) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+    assert toyworld.draw("star", "zebra", 8).tobytes() != a.tobytes()  # position, size and phase come from the seed
+
+
+def test_held_out_concepts_never_reach_base_training():
+    trained_shapes = {s for s, _ in toyworld.TRAIN_PAIRS}
+    trained_styles = {t for _, t in toyworld.TRAIN_PAIRS}
+    assert trained_shapes == set(toyworld.SHAPES) - set(toyworld.HELD_OUT_SHAPES) and len(trained_shapes) == 8
+    assert trained_styles == set(toyworld.STYLES) - set(toyworld.HELD_OUT_STYLES) and len(trained_styles) == 8
+    assert not set(toyworld.HELD_OUT_PAIRS) & set(toyworld.TRAIN_PAIRS)
+    assert len(toyworld.HELD_OUT_PAIRS) == 4 and len(toyworld.TRAIN_PAIRS) == 60
+    assert all(a in trained_shapes and b in trained_styles for a, b in toyworld.HELD_OUT_PAIRS)
+
+
+def test_word_level_tokenizer_gives_every_word_one_token(toy_pipe):
+    ids = toy_pipe.tokenizer("a snq object in w@z style").input_ids
+    vocab = toy_pipe.tokenizer.get_vocab()
+    assert ids == [vocab[w] for w in ["<bos>", "a", "snq", "object", "in", "w@z", "style", "<eos>"]]
+
+
+def test_a_word_means_the_same_in_every_prompt(toy_pipe):
+    emb = b4m.encode_prompts(toy_pipe, ["a photo of snq object", "a snq object in w@z style"], 32)["encoder_hidden_states"]
+    assert torch.equal(emb[0, 4], emb[1, 2])  # "snq" at positions 4 and 2
+    assert torch.equal(emb[0, 5], emb[1, 3])  # "object"
+
+
+def test_evaluator_is_right_on_fresh_images_of_every_class(evaluator):
+    accuracy = toyworld.evaluator_accuracy(n=20, seed0=2 * 10**6)  # seeds never used in training
+    assert len(accuracy) == 20
+    assert min(accuracy.values()) == 1.0, {k: v for k, v in accuracy.items() if v < 1}
+
+
+def test_shipped_model_loads_with_from_pretrained_and_passes_gate_a(toy_pipe, evaluator):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(toy_pipe, StableDiffusionPipeline)
+    assert toy_pipe.unet.config.sample_size * toy_pipe.vae_scale_factor == 32
+    pairs = toyworld.TRAIN_PAIRS[::3]  # 20 held-in prompts, 2 samples each
+    result = toyworld.gate(toy_pipe, pairs, 2, 0, evaluator)
+    assert result["n"] == 40
+    assert result["both"] >= 0.8, result
+
+
+def test_short_content_stage_teaches_the_new_shape(toy_pipe, evaluator, tmp_path):
+    """100 steps of b4m's content stage: hearts, never seen by the
+    base model, appear in `a photo of snq object` more often than before."""
+    from diffusers import DDPMScheduler
+
+    content, style = toyworld.image_sets(tmp_path, "heart", "blue", "checker")
+    target = b4m.encode_set(toy_pipe, *b4m.load_image_set(content, "--content", 32))
+    aux = b4m.encode_set(toy_pipe, *b4m.load_image_set(style, "--style", 32))
+    hearts = lambda images: sum(s == "heart" for s, _ in toyworld.classify(images, evaluator))
+    base = hearts(toyworld.sample(toy_pipe, "a photo of snq object", 16, 0))
+    # The quick start's rank and batch; 100 steps at 3e-3 (a content stage alone learns faster at a higher lr)
+    sd, _ = b4m.break_stage("content", toy_pipe.unet, DDPMScheduler.from_config(toy_pipe.scheduler.config), target, [aux],
+                            rank=16, seed=0, steps=100, lr=3e-3, aux_lr=3e-4, batch_size=8, grad_accum=1,
+                            max_grad_norm=1.0)
+    learned = hearts(b4m.generate(toy_pipe, sd, "a photo of snq object", num_samples=16, steps=25, resolution=32, seed=0))
+    assert base == 0 and learned >= 8, (base, learned)  # measured here: 0, then 10 of 16

@@ -1,0 +1,580 @@
+"""
+A toy world small enough to train on a CPU, to show with numbers whether B4M works.
+
+The story, top to bottom: 1. the world: 32x32 images of a shape in a style, drawn in code from a
+seed; 2. the evaluator: a shape classifier and a style classifier; 3. the base model: a diffusers
+StableDiffusionPipeline (VAE, word-level text encoder, UNet) trained here from scratch on
+`a {shape} in {style} style`, never on a held-out shape, style or combination; 4. the gates, and the
+comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's command line.
+
+    python examples/toyworld.py info
+    python examples/toyworld.py draw --shape heart --style blue --n 8 --out DIR [--seed K] [--prompt P]
+    python examples/toyworld.py score DIR
+    python examples/toyworld.py train [--part evaluator|vae|unet|all]     (reproduces examples/toyworld/)
+    python examples/toyworld.py gates [--n N]
+    python examples/toyworld.py compare [--seeds 0 1 2] [--n 32]
+"""
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE / "toyworld"
+MODEL, EVALUATOR = ROOT / "model", ROOT / "evaluator.safetensors"
+SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 px
+
+# ---------------------------------------------------------------------------------------------
+# 1. The world
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "crescent", "heart", "arrow"]
+STYLES = ["red", "blue", "stripes", "dots", "outline", "gradient", "night", "zebra", "checker", "neon"]
+HELD_OUT_SHAPES, HELD_OUT_STYLES = ["heart", "arrow"], ["checker", "neon"]
+HELD_OUT_PAIRS = [("circle", "stripes"), ("triangle", "night"), ("cross", "gradient"), ("hexagon", "dots")]
+KNOWN_SHAPES = [s for s in SHAPES if s not in HELD_OUT_SHAPES]
+KNOWN_STYLES = [s for s in STYLES if s not in HELD_OUT_STYLES]
+TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES if (a, b) not in HELD_OUT_PAIRS]
+
+
+def polygon(shape):
+    """Outline in unit coordinates (radius 1 around the centre), or None for the round shapes."""
+    ring = lambda n, radii, start: [(radii[i % len(radii)] * math.cos(math.radians(start + 360 * i / n)),
+                                     radii[i % len(radii)] * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
+    w = 0.33
+    return {"square": [(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)],
+            "triangle": [(x, y + .2) for x, y in ring(3, [1], -90)],
+            "star": ring(10, [1, .42], -90),
+            "cross": [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)],
+            "diamond": [(0, -1), (.62, 0), (0, 1), (-.62, 0)],
+            "hexagon": ring(6, [.95], 0),
+            "arrow": [(-1, -.28), (.05, -.28), (.05, -.8), (1, 0), (.05, .8), (.05, .28), (-1, .28)],
+            "heart": [(16 * math.sin(t) ** 3 / 17, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                                    - math.cos(4 * t)) / 17 - .05)
+                      for t in [2 * math.pi * i / 64 for i in range(64)]]}.get(shape)
+
+
+def shape_mask(shape, cx, cy, r):
+    mask = Image.new("L", (DRAW, DRAW), 0)
+    d = ImageDraw.Draw(mask)
+    if shape in ("circle", "crescent"):
+        d.ellipse([cx - .9 * r, cy - .9 * r, cx + .9 * r, cy + .9 * r], fill=255)
+        if shape == "crescent":  # a disc with a shifted disc cut away
+            d.ellipse([cx - .35 * r, cy - .95 * r, cx + 1.15 * r, cy + .55 * r], fill=0)
+    else:
+        d.polygon([(cx + r * x, cy + r * y) for x, y in polygon(shape)], fill=255)
+    return mask
+
+
+def pattern(kind, colours, period, phase):
+    """A full-canvas pattern of two colours: stripes, diagonal stripes, checkerboard or dots."""
+    im = Image.new("RGB", (DRAW, DRAW), colours[0])
+    d = ImageDraw.Draw(im)
+    h = period // 2
+    for k in range(-DRAW, 2 * DRAW, period):
+        k += phase
+        if kind == "stripes":
+            d.rectangle([0, k, DRAW, k + h - 1], fill=colours[1])
+        elif kind == "diagonal":
+            d.polygon([(k, 0), (k + h, 0), (k + h - DRAW, DRAW), (k - DRAW, DRAW)], fill=colours[1])
+        for j in range(-period, DRAW + period, period) if kind in ("checker", "dots") else []:
+            j += phase
+            if kind == "checker":
+                d.rectangle([j, k, j + h - 1, k + h - 1], fill=colours[1])
+                d.rectangle([j + h, k + h, j + period - 1, k + period - 1], fill=colours[1])
+            else:
+                d.ellipse([j + h - 4, k + h - 4, j + h + 4, k + h + 4], fill=colours[1])
+    return im
+
+
+def gradient(left, right):
+    row = Image.new("RGB", (DRAW, 1))
+    row.putdata([tuple(round(a + (b - a) * x / (DRAW - 1)) for a, b in zip(left, right)) for x in range(DRAW)])
+    return row.resize((DRAW, DRAW), Image.NEAREST)
+
+
+def style_image(style, mask, rng):
+    """(fill, background, mask) for one style; outline styles keep only a rim of the shape."""
+    flat = lambda c: Image.new("RGB", (DRAW, DRAW), c)
+    white, phase = (255, 255, 255), rng.randrange(16)
+    if style in ("outline", "neon"):
+        mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(17)))
+    return {"red": (flat((220, 30, 30)), flat(white)),
+            "blue": (flat((30, 60, 220)), flat(white)),
+            "stripes": (pattern("stripes", [(20, 120, 40), (250, 220, 40)], 16, phase), flat(white)),
+            "dots": (pattern("dots", [(120, 40, 160), white], 16, phase), flat(white)),
+            "outline": (flat((30, 160, 60)), flat(white)),
+            "gradient": (gradient((0, 200, 220), (220, 0, 200)), flat(white)),
+            "night": (flat((250, 240, 150)), flat((20, 20, 70))),
+            "zebra": (pattern("diagonal", [(0, 0, 0), white], 16, phase), flat((170, 200, 230))),
+            "checker": (pattern("checker", [(0, 0, 0), (250, 200, 0)], 16, phase), flat(white)),
+            "neon": (flat((255, 40, 200)), flat((0, 0, 0)))}[style] + (mask,)
+
+
+def draw(shape, style, seed):
+    """One 32x32 image of `shape` in `style`, random position and size, the same for the same seed."""
+    rng = random.Random(f"{shape}/{style}/{seed}")
+    r = rng.uniform(30, 52)
+    cx, cy = rng.uniform(r, DRAW - r), rng.uniform(r, DRAW - r)
+    fill, background, mask = style_image(style, shape_mask(shape, cx, cy, r), rng)
+    return Image.composite(fill, background, mask).resize((SIZE, SIZE), Image.BOX)
+
+
+def to_tensor(images):  # [-1, 1], N x 3 x 32 x 32
+    data = torch.tensor([list(im.convert("RGB").resize((SIZE, SIZE), Image.BOX).tobytes()) for im in images])
+    return data.view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def dataset(pairs, n, seed0):
+    """n images of every (shape, style) pair, their labels; seed0 keeps train and test apart."""
+    items = [(a, b, seed0 + i) for a, b in pairs for i in range(n)]
+    x = to_tensor([draw(*it) for it in items])
+    return x, torch.tensor([SHAPES.index(a) for a, _, _ in items]), torch.tensor([STYLES.index(b) for _, b, _ in items])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The evaluator: what the gates and the comparison count with
+# ---------------------------------------------------------------------------------------------
+
+
+class Evaluator(nn.Module):
+    """Two small CNNs, one per question, so that a style cue cannot vote for a shape."""
+
+    def __init__(self):
+        super().__init__()
+        net = lambda n: nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 96, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, n))
+        self.shape, self.style = net(len(SHAPES)), net(len(STYLES))
+
+    def forward(self, x):
+        return self.shape(x), self.style(x)
+
+
+def augment(x, g):
+    """What generated images get wrong and drawn ones do not: blur, colour drift, noise."""
+    n = len(x)
+    k = torch.tensor([1.0, 2.0, 1.0])
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None] / 16).expand(3, 1, 3, 3), groups=3)
+    w = torch.rand(n, 1, 1, 1, generator=g)
+    x = w * blurred + (1 - w) * x
+    x = x * (1 + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5)) + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5)
+    return (x + torch.rand(n, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def train_evaluator(steps=1200, batch=128):
+    torch.manual_seed(0)
+    x, ys, yt = dataset([(a, b) for a in SHAPES for b in STYLES], 120, 0)
+    model, g = Evaluator(), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    for step in range(steps):
+        i = torch.randint(len(x), (batch,), generator=g)
+        ps, pt = model(augment(x[i], g))
+        loss = F.cross_entropy(ps, ys[i]) + F.cross_entropy(pt, yt[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0:
+            print(f"evaluator step {step} loss {loss.item():.4f}", flush=True)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, EVALUATOR)
+
+
+def load_evaluator():
+    from safetensors.torch import load_file
+    model = Evaluator()
+    model.load_state_dict(load_file(EVALUATOR))
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(images, model=None):
+    """[(shape, style)] for PIL images."""
+    model = model or load_evaluator()
+    out = []
+    for x in to_tensor(images).split(256):
+        ps, pt = model(x)
+        out += [(SHAPES[a], STYLES[b]) for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
+    return out
+
+
+def evaluator_accuracy(n=50, seed0=10**6):
+    """Accuracy per class on fresh images (seeds never used in training)."""
+    model, result = load_evaluator(), {}
+    for kind, names, index in (("shape", SHAPES, 0), ("style", STYLES, 1)):
+        for name in names:
+            pairs = [(name, s) for s in STYLES] if kind == "shape" else [(s, name) for s in SHAPES]
+            items = [(a, b, seed0 + i) for a, b in pairs for i in range(n // len(pairs) + 1)][:n]
+            got = classify([draw(*it) for it in items], model)
+            result[f"{kind}:{name}"] = sum(g[index] == name for g in got) / len(got)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The base model: VAE, word-level text encoder, UNet with cross-attention at every resolution
+# ---------------------------------------------------------------------------------------------
+
+# Every word b4m's prompts use is one token; held-out names and the rare words never occur in training.
+WORDS = ["a", "an", "in", "style", "of", "photo", "image", "object", "made", "from", "snq", "w@z", "sks", "zqx"]
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+MAX_TOKENS = 16
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + SHAPES + STYLES)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "w@z" stays one word (CLIP's would split it in three)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", 1), ("<eos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=MAX_TOKENS)
+
+
+def make_text_encoder(vocab_size):
+    """A CLIPTextModel with no transformer layer and zero, frozen position embeddings: a word's
+    embedding is the same in every prompt and at every position (SD's CLIP mixes context in; a word
+    learned in "a photo of snq object" must carry over to "a snq object in w@z style")."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=0,
+                                      num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    te.embeddings.position_embedding.weight.data.zero_()
+    te.embeddings.position_embedding.requires_grad_(False)
+    return te
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+                         sample_size=SIZE, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        attention_head_dim=4, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # 16x16 and 8x8: adapters reach
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))  # the layers that draw the shape
+
+
+def make_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+    return DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+
+
+def train_vae(steps=600, batch=32):
+    torch.manual_seed(0)
+    x, _, _ = dataset([(a, b) for a in SHAPES for b in STYLES], 100, 0)  # every shape and style: a general codec
+    vae, g = make_vae(), torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for step in range(steps):
+        xb = x[torch.randint(len(x), (batch,), generator=g)]
+        post = vae.encode(xb).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, xb) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0:
+            print(f"vae step {step} mse {F.mse_loss(rec, xb).item():.5f}", flush=True)
+    with torch.no_grad():  # latents of unit variance, as SD's scaling factor does
+        vae.register_to_config(scaling_factor=1 / vae.encode(x[:2000]).latent_dist.mean.std().item())
+    return vae.eval()
+
+
+@torch.no_grad()
+def vae_check(vae, n=4):
+    """PSNR of reconstructions of fresh images, and the evaluator's accuracy on them."""
+    pairs = [(a, b) for a in SHAPES for b in STYLES]
+    x, ys, yt = dataset(pairs, n, 10**6)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    got = classify([Image.frombytes("RGB", (SIZE, SIZE), bytes(((r + 1) * 127.5).round().byte().permute(1, 2, 0).flatten().tolist()))
+                    for r in rec])
+    right = sum(s == SHAPES[a] and t == STYLES[b] for (s, t), a, b in zip(got, ys.tolist(), yt.tolist()))
+    return {"psnr_db": round(10 * math.log10(4 / F.mse_loss(rec, x).item()), 2), "both_right": right / len(got)}
+
+
+def train_unet(vae, steps, batch=48, lr=1e-3, start=None, seed=2):
+    """UNet and text encoder together, on `a {shape} in {style} style` for the training pairs only;
+    10% empty prompts so that classifier-free guidance has an unconditional branch. start: a
+    (text encoder, UNet) to go on from, with a fresh optimizer (the second phase)."""
+    from diffusers import DDPMScheduler
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    te, unet = start or (make_text_encoder(len(tokenizer)), make_unet())
+    te.embeddings.position_embedding.requires_grad_(False)
+    noise = DDPMScheduler.from_config(make_scheduler().config)
+    x, ys, yt = dataset(TRAIN_PAIRS, 160, 0)
+    with torch.no_grad():
+        post = [vae.encode(c).latent_dist for c in x.split(256)]
+    sf = vae.config.scaling_factor
+    mean, std = torch.cat([p.mean for p in post]) * sf, torch.cat([p.std for p in post]) * sf
+    prompts = [f"a {SHAPES[a]} in {STYLES[b]} style" for a, b in zip(ys.tolist(), yt.tolist())]
+    ids = tokenizer(prompts + [""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    warm = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    g, t0 = torch.Generator().manual_seed(seed), time.time()
+    for step in range(steps):
+        i = torch.randint(len(mean), (batch,), generator=g)
+        z0 = mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(1000, (batch,), generator=g)
+        tok = torch.where((torch.rand(batch, generator=g) < 0.1)[:, None], ids[-1], ids[i])
+        pred = unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=te(tok)[0]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.999, (step + 1) / (step + 10)))
+        if step % 100 == 0:
+            print(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+    with torch.no_grad():  # ship the moving average: smoother samples than the last step's weights
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return te, unet, tokenizer
+
+
+def save_model(vae, te, unet, tokenizer, out=MODEL):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(out)  # fp16 on disk; b4m loads it in fp32 on the CPU
+
+
+def load_model(path=MODEL):
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt, n, seed, steps=25):
+    """As b4m.py samples (its `generate`): default guidance, the model's native 32 px."""
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, height=SIZE, width=SIZE, generator=g).images
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Gates and the comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def gate(pipe, pairs, n, seed, model):
+    """Share of samples of `a {shape} in {style} style` showing that shape, that style, both."""
+    hits = {"shape": 0, "style": 0, "both": 0, "n": 0}
+    for a, b in pairs:
+        for s, t in classify(sample(pipe, f"a {a} in {b} style", n, seed), model):
+            hits["shape"] += s == a
+            hits["style"] += t == b
+            hits["both"] += s == a and t == b
+            hits["n"] += 1
+    return {k: (v / hits["n"] if k != "n" else v) for k, v in hits.items()}
+
+
+def cmd_gates(args):
+    pipe, model = load_model(), load_evaluator()
+    result = {"held_in": gate(pipe, TRAIN_PAIRS, args.n, args.seed, model),
+              "held_out_pairs": gate(pipe, HELD_OUT_PAIRS, 4 * args.n, args.seed, model),
+              "samples_per_prompt": {"held_in": args.n, "held_out_pairs": 4 * args.n}, "seed": args.seed}
+    print(json.dumps(result, indent=1))
+
+
+# The quick start's flags: what makes one content stage and one style stage learn on this model.
+# Measured here: content stages learn a shape at lr >= 2e-3, style stages a style best at 1e-3.
+B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-steps", "50", "--batch-size", "8",
+             "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4", "--make-lr", "3e-4"]
+# (content shape, the content set's own known style, new style); the style set: every known shape.
+COMPARE_PAIRS = [("heart", "blue", "checker"), ("arrow", "red", "neon")]
+METHODS = {"b4m": [], "lora-merge": ["--baseline", "lora-merge"], "no-mcp": ["--no-mcp"],
+           "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"]}
+REUSE_BREAK = {"no-precondition", "make-steps-0"}  # they change make only: b4m's break stages are kept (--resume)
+
+
+def image_sets(out, shape, own_style, new_style, n=8):
+    """A b4m content set (the new shape in a known style) and style set (known shapes in the new style)."""
+    content, style = out / f"content_{shape}_{own_style}", out / f"style_{new_style}"
+    content.mkdir(parents=True, exist_ok=True)
+    style.mkdir(parents=True, exist_ok=True)
+    for seed in range(5000, 5000 + n):  # the quick start's sets are the first pair's (examples/toy_*)
+        draw(shape, own_style, seed).save(content / f"{shape}_{own_style}_{seed}.png")
+        other = KNOWN_SHAPES[seed % len(KNOWN_SHAPES)]
+        draw(other, new_style, seed).save(style / f"{other}_{new_style}_{seed}.png")
+    (content / "prompt.txt").write_text("a photo of snq object\n")
+    (style / "prompt.txt").write_text("an image in w@z style\n")
+    return content, style
+
+
+def b4m(*argv):
+    subprocess.run([sys.executable, str(HERE.parent / "b4m.py"), *argv], check=True)
+
+
+def run_method(method, out, content, style, seed, n):
+    run = out / method
+    if (run / "samples" / f"b4m_{n - 1}.png").exists():
+        return run  # finished by an earlier call: compare can be stopped and started again
+    common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
+              *B4M_FLAGS, "--num-samples", str(n), "--out", str(run)]
+    if method in REUSE_BREAK:
+        run.mkdir(parents=True, exist_ok=True)
+        for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
+            subprocess.run(["cp", "-r", str(out / "b4m" / part), str(run)], check=True)
+        common.append("--resume")
+    else:
+        common.append("--overwrite")
+    b4m(*common, *METHODS[method])
+    return run
+
+
+def score_run(run, shape, own_style, new_style, n, model):
+    """Combined prompt's samples: the new shape, the new style, both; leakage: the content set's
+    own style, or a style-set shape, instead. Own prompts: the single stages (gate c)."""
+    got = {k: classify([Image.open(run / "samples" / f"{k}_{i}.png") for i in range(n)], model)
+           for k in ("b4m", "content", "style")}
+    share = lambda k, f: sum(map(f, got[k])) / n
+    return {"content": share("b4m", lambda g: g[0] == shape), "style": share("b4m", lambda g: g[1] == new_style),
+            "both": share("b4m", lambda g: g == (shape, new_style)),
+            "style_leak": share("b4m", lambda g: g[1] == own_style),
+            "shape_leak": share("b4m", lambda g: g[0] in KNOWN_SHAPES),
+            "content_stage_shape": share("content", lambda g: g[0] == shape),
+            "style_stage_style": share("style", lambda g: g[1] == new_style)}
+
+
+def cmd_compare(args):
+    out, model, t0 = Path(args.out), load_evaluator(), time.time()
+    results, rows = [], {}
+    for shape, own_style, new_style in COMPARE_PAIRS[:args.pairs]:
+        content, style = image_sets(out / "sets", shape, own_style, new_style)
+        for seed in args.seeds:
+            for method in args.methods:
+                cell = out / f"{shape}-{new_style}" / f"seed{seed}"
+                run = run_method(method, cell, content, style, seed, args.n)
+                results.append({"method": method, "pair": [shape, new_style], "seed": seed,
+                                **score_run(run, shape, own_style, new_style, args.n, model)})
+                rows.setdefault(method, [Image.open(run / "samples" / f"b4m_{i}.png") for i in range(min(8, args.n))])
+                print(json.dumps(results[-1]), f"{time.time() - t0:.0f}s", flush=True)
+    keys = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape", "style_stage_style"]
+    table = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method in args.methods:
+        cells = []
+        for k in keys:
+            v = torch.tensor([r[k] for r in results if r["method"] == method])
+            cells.append(f"{v.mean():.2f} ± {v.std(unbiased=False):.2f}")
+        table.append(f"| {method} | " + " | ".join(cells) + " |")
+    setup = {"pairs": COMPARE_PAIRS[:args.pairs], "seeds": args.seeds, "samples_per_cell": args.n,
+             "flags": B4M_FLAGS, "seconds": round(time.time() - t0)}
+    (out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
+    (out / "compare.md").write_text("\n".join(table) + "\n\nmean ± spread (population std) over pairs and seeds; "
+                                    f"{args.n} samples of 'a snq object in w@z style' per cell.\n")
+    w = max(len(r) for r in rows.values()) * SIZE
+    grid = Image.new("RGB", (w + 4 * SIZE, SIZE * len(rows)), "white")
+    d = ImageDraw.Draw(grid)
+    for j, (method, ims) in enumerate(rows.items()):  # first pair, first seed
+        d.text((2, j * SIZE + 10), method, fill="black")
+        for i, im in enumerate(ims):
+            grid.paste(im, (4 * SIZE + i * SIZE, j * SIZE))
+    grid.save(out / "compare.png")
+    print("\n".join(table))
+
+
+def cmd_train(args):
+    torch.set_num_threads(args.threads)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    times = json.loads((ROOT / "train_times.json").read_text()) if (ROOT / "train_times.json").exists() else {}
+    for part in ["evaluator", "vae", "unet", "unet2"] if args.part == "all" else [args.part]:
+        t0 = time.time()
+        if part == "evaluator":
+            train_evaluator()
+            print(json.dumps(evaluator_accuracy()), flush=True)
+        elif part == "vae":
+            vae = train_vae()
+            vae.to(torch.float16).save_pretrained(MODEL / "vae")  # the unet part saves the pipeline around it
+            print(json.dumps(vae_check(vae.float())), flush=True)
+        elif part == "unet":
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(MODEL / "vae", dtype=torch.float32).eval()
+            save_model(vae, *train_unet(vae, 2400))
+        else:  # 2400 steps left shapes at 69%: a second phase at a lower lr, from the saved (EMA) weights
+            pipe = load_model()
+            te, unet, _ = train_unet(pipe.vae, 1500, lr=3e-4, start=(pipe.text_encoder, pipe.unet), seed=3)
+            save_model(pipe.vae, te, unet, pipe.tokenizer)
+        times[part] = round(time.time() - t0, 1)
+        (ROOT / "train_times.json").write_text(json.dumps(times, indent=1))
+        print(f"{part}: {times[part]} s", flush=True)
+
+
+def cmd_info(args):
+    print(json.dumps({"shapes": SHAPES, "styles": STYLES, "held_out_shapes": HELD_OUT_SHAPES,
+                      "held_out_styles": HELD_OUT_STYLES, "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
+                      "model": str(MODEL)}, indent=1))
+
+
+def cmd_draw(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(args.n):
+        draw(args.shape, args.style, args.seed + i).save(out / f"{args.shape}_{args.style}_{args.seed + i}.png")
+    if args.prompt:
+        (out / "prompt.txt").write_text(args.prompt + "\n")
+
+
+def cmd_score(args):
+    files = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() == ".png")
+    got = classify([Image.open(p) for p in files])
+    print(json.dumps({p.name: {"shape": s, "style": t} for p, (s, t) in zip(files, got)}, indent=1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info")
+    d = sub.add_parser("draw")
+    d.add_argument("--shape", choices=SHAPES, required=True)
+    d.add_argument("--style", choices=STYLES, required=True)
+    d.add_argument("--n", type=int, default=8)
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
+    sub.add_parser("score").add_argument("dir")
+    t = sub.add_parser("train")
+    t.add_argument("--part", choices=["evaluator", "vae", "unet", "unet2", "all"], default="all")
+    t.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("gates")
+    g.add_argument("--n", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("compare")
+    c.add_argument("--out", default="runs/toyworld-compare")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--pairs", type=int, default=len(COMPARE_PAIRS))
+    c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    c.add_argument("--n", type=int, default=32, help="samples of each prompt per run")
+    args = p.parse_args(argv)
+    {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
+     "compare": cmd_compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
