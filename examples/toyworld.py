@@ -542,7 +542,7 @@ def cmd_draw(args):
 
 
 def cmd_score(args):
-    files = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() == ".png")
+    files = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() == ".png" and "grid" not in p.name)  # not b4m's grids
     got = classify([Image.open(p) for p in files])
     print(json.dumps({p.name: {"shape": s, "style": t} for p, (s, t) in zip(files, got)}, indent=1))
 
