@@ -17,10 +17,12 @@ comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's 
 import argparse
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -428,11 +430,12 @@ def image_sets(out, shape, own_style, new_style, n=8):
     return content, style
 
 
-def b4m(*argv):
-    subprocess.run([sys.executable, str(HERE.parent / "b4m.py"), *argv], check=True)
+def b4m(*argv, threads=None):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    subprocess.run([sys.executable, str(HERE.parent / "b4m.py"), *argv], check=True, env=env)
 
 
-def run_method(method, out, content, style, seed, n):
+def run_method(method, out, content, style, seed, n, threads=None):
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
@@ -445,7 +448,7 @@ def run_method(method, out, content, style, seed, n):
         common.append("--resume")
     else:
         common.append("--overwrite")
-    b4m(*common, *METHODS[method])
+    b4m(*common, *METHODS[method], threads=threads)
     return run
 
 
@@ -464,27 +467,33 @@ def score_run(run, shape, own_style, new_style, n, model):
 
 
 def cmd_compare(args):
+    """Every (pair, seed) cell runs its methods in order; --jobs cells at once, one thread each
+    (on 2 cores two 1-thread runs side by side get more done than one 2-thread run)."""
     out, model, t0 = Path(args.out), load_evaluator(), time.time()
+    cells = [(pair, image_sets(out / "sets", *pair), seed) for pair in COMPARE_PAIRS[:args.pairs] for seed in args.seeds]
+
+    def run_cell(cell):
+        (shape, _, new_style), (content, style), seed = cell
+        for method in args.methods:
+            run_method(method, out / f"{shape}-{new_style}" / f"seed{seed}", content, style, seed, args.n,
+                       threads=1 if args.jobs > 1 else None)
+        print(f"{shape}-{new_style} seed {seed} done, {time.time() - t0:.0f}s", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run_cell, cells))
     results, rows = [], {}
-    for shape, own_style, new_style in COMPARE_PAIRS[:args.pairs]:
-        content, style = image_sets(out / "sets", shape, own_style, new_style)
-        for seed in args.seeds:
-            for method in args.methods:
-                cell = out / f"{shape}-{new_style}" / f"seed{seed}"
-                run = run_method(method, cell, content, style, seed, args.n)
-                results.append({"method": method, "pair": [shape, new_style], "seed": seed,
-                                **score_run(run, shape, own_style, new_style, args.n, model)})
-                rows.setdefault(method, [Image.open(run / "samples" / f"b4m_{i}.png") for i in range(min(8, args.n))])
-                print(json.dumps(results[-1]), f"{time.time() - t0:.0f}s", flush=True)
+    for (shape, own_style, new_style), _, seed in cells:
+        for method in args.methods:
+            run = out / f"{shape}-{new_style}" / f"seed{seed}" / method
+            results.append({"method": method, "pair": [shape, new_style], "seed": seed,
+                            **score_run(run, shape, own_style, new_style, args.n, model)})
+            rows.setdefault(method, [Image.open(run / "samples" / f"b4m_{i}.png") for i in range(min(8, args.n))])
     keys = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape", "style_stage_style"]
     table = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in args.methods:
-        cells = []
-        for k in keys:
-            v = torch.tensor([r[k] for r in results if r["method"] == method])
-            cells.append(f"{v.mean():.2f} ± {v.std(unbiased=False):.2f}")
-        table.append(f"| {method} | " + " | ".join(cells) + " |")
-    setup = {"pairs": COMPARE_PAIRS[:args.pairs], "seeds": args.seeds, "samples_per_cell": args.n,
+        v = torch.tensor([[r[k] for k in keys] for r in results if r["method"] == method])
+        table.append(f"| {method} | " + " | ".join(f"{m:.2f} ± {d:.2f}" for m, d in zip(v.mean(0), v.std(0, unbiased=False))) + " |")
+    setup = {"pairs": COMPARE_PAIRS[:args.pairs], "seeds": args.seeds, "samples_per_cell": args.n, "jobs": args.jobs,
              "flags": B4M_FLAGS, "seconds": round(time.time() - t0)}
     (out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
     (out / "compare.md").write_text("\n".join(table) + "\n\nmean ± spread (population std) over pairs and seeds; "
@@ -571,6 +580,7 @@ def main(argv=None):
     c.add_argument("--pairs", type=int, default=len(COMPARE_PAIRS))
     c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     c.add_argument("--n", type=int, default=32, help="samples of each prompt per run")
+    c.add_argument("--jobs", type=int, default=2, help="cells run side by side, one thread each")
     args = p.parse_args(argv)
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
      "compare": cmd_compare}[args.command](args)
