@@ -1226,3 +1226,34 @@ def test_short_content_stage_teaches_the_new_shape(toy_pipe, evaluator, tmp_path
                             max_grad_norm=1.0)
     learned = hearts(b4m.generate(toy_pipe, sd, "a photo of snq object", num_samples=16, steps=25, resolution=32, seed=0))
     assert base == 0 and learned >= 8, (base, learned)  # measured here: 0, then 10 of 16
+
+
+def test_compare_scores_the_combined_prompt_and_the_leaks(evaluator, tmp_path):
+    """score_run's definitions, on drawn images standing in for a run's samples: the new shape in the
+    new style is `both`; the content set's own style is a style leak; a known shape is a shape leak."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    combined = [("heart", "checker"), ("heart", "blue"), ("star", "checker"), ("star", "zebra")]
+    singles = {"content": [("heart", "blue")] * 3 + [("circle", "blue")], "style": [("star", "checker")] * 4}
+    for kind, pairs in [("b4m", combined), *singles.items()]:
+        for i, (shape, style) in enumerate(pairs):
+            toyworld.draw(shape, style, 40 + i).save(samples / f"{kind}_{i}.png")
+    assert toyworld.classify([toyworld.draw(*p, 40 + i) for i, p in enumerate(combined)], evaluator) == combined
+    assert toyworld.score_run(tmp_path, "heart", "blue", "checker", 4, evaluator) == {
+        "content": 0.5, "style": 0.5, "both": 0.25, "style_leak": 0.25, "shape_leak": 0.5,
+        "content_stage_shape": 0.75, "style_stage_style": 1.0}
+
+
+def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
+    toyworld.main(["info"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["held_out_shapes"] == ["heart", "arrow"] and info["held_out_styles"] == ["checker", "neon"]
+    assert len(info["shapes"]) == len(info["styles"]) == 10 and len(info["held_out_pairs"]) == 4
+    assert Path(info["model"]) == EXAMPLES / "toyworld" / "model"
+    toyworld.main(["draw", "--shape", "arrow", "--style", "neon", "--n", "3", "--seed", "9", "--out", str(tmp_path),
+                   "--prompt", "an image in w@z style"])
+    assert (tmp_path / "prompt.txt").read_text() == "an image in w@z style\n"
+    capsys.readouterr()
+    toyworld.main(["score", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out) == {f"arrow_neon_{k}.png": {"shape": "arrow", "style": "neon"}
+                                                    for k in (9, 10, 11)}
