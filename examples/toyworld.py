@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -444,7 +445,8 @@ def run_method(method, out, content, style, seed, n, threads=None):
     if method in REUSE_BREAK:
         run.mkdir(parents=True, exist_ok=True)
         for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
-            subprocess.run(["cp", "-r", str(out / "b4m" / part), str(run)], check=True)
+            src = out / "b4m" / part  # copied again over an interrupted earlier attempt
+            shutil.copytree(src, run / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, run / part)
         common.append("--resume")
     else:
         common.append("--overwrite")
