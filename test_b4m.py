@@ -1257,3 +1257,15 @@ def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
     toyworld.main(["score", str(tmp_path)])
     assert json.loads(capsys.readouterr().out) == {f"arrow_neon_{k}.png": {"shape": "arrow", "style": "neon"}
                                                     for k in (9, 10, 11)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "no/such/folder"], "score: no/such/folder is not a folder; give a folder of PNG images"),
+    (["compare", "--jobs", "0"], "argument --jobs: must be a whole number >= 1, got 0"),
+    (["compare", "--pairs", "3"], "argument --pairs: invalid choice: 3 (choose from 1, 2)"),
+    (["draw", "--shape", "heart", "--style", "red", "--n", "x", "--out", "x"], "argument --n: must be a whole number >= 1, got x")])
+def test_toyworld_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        toyworld.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: " + message)

@@ -558,6 +558,12 @@ def cmd_score(args):
     print(json.dumps({p.name: {"shape": s, "style": t} for p, (s, t) in zip(files, got)}, indent=1))
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -565,25 +571,27 @@ def main(argv=None):
     d = sub.add_parser("draw")
     d.add_argument("--shape", choices=SHAPES, required=True)
     d.add_argument("--style", choices=STYLES, required=True)
-    d.add_argument("--n", type=int, default=8)
+    d.add_argument("--n", type=positive, default=8)
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
     t = sub.add_parser("train")
     t.add_argument("--part", choices=["evaluator", "vae", "unet", "unet2", "all"], default="all")
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--threads", type=positive, default=1)
     g = sub.add_parser("gates")
-    g.add_argument("--n", type=int, default=4)
+    g.add_argument("--n", type=positive, default=4)
     g.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("compare")
     c.add_argument("--out", default="runs/toyworld-compare")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    c.add_argument("--pairs", type=int, default=len(COMPARE_PAIRS))
+    c.add_argument("--pairs", type=int, choices=range(1, len(COMPARE_PAIRS) + 1), default=len(COMPARE_PAIRS))
     c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    c.add_argument("--n", type=int, default=32, help="samples of each prompt per run")
-    c.add_argument("--jobs", type=int, default=2, help="cells run side by side, one thread each")
+    c.add_argument("--n", type=positive, default=32, help="samples of each prompt per run")
+    c.add_argument("--jobs", type=positive, default=2, help="cells run side by side, one thread each")
     args = p.parse_args(argv)
+    if args.command == "score" and not Path(args.dir).is_dir():
+        p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
      "compare": cmd_compare}[args.command](args)
 
