@@ -197,13 +197,13 @@ class RiemannianAdamW(torch.optim.AdamW):
     (The official make script's preconditioned step ran after the gradients were zeroed: it never acted.)
     """
 
-    def __init__(self, layers, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=1e-6):
+    def __init__(self, layers, lr=1e-4, delta=1e-6, **adamw):  # adamw: betas, eps, weight_decay
         self.delta, self.shapes = delta, {}
         for layer in layers:
             self.shapes.setdefault((layer.A.shape, layer.C.shape), []).append(layer)
         layers = [layer for group in self.shapes.values() for layer in group]
         super().__init__([{"params": [layer.B for layer in layers]}, {"params": [layer.D for layer in layers]}],
-                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                         lr=lr, **adamw)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -464,13 +464,15 @@ def drift_report(pipe, adapters, own_prompts, resolution, seed):
     size = resolution // pipe.vae_scale_factor
     z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
     t = torch.randint(100, 900, (k,), generator=g).to(unet.device)  # near t = 0 or T the prompt hardly matters
-    eps = lambda prompts: denoise(unet, z, t, encode_prompts(pipe, prompts, resolution)).float()  # noqa: E731
-    base, report = eps(DRIFT_PROMPTS), {"drift": {}, "effect": {}}
+    eps = lambda cond: denoise(unet, z, t, cond).float()  # noqa: E731
+    drift_cond = encode_prompts(pipe, DRIFT_PROMPTS, resolution)  # adapters change the UNet only
+    base, report = eps(drift_cond), {"drift": {}, "effect": {}}
     for stage, sd in adapters.items():
-        base_own = eps([own_prompts[stage]] * k)
+        own_cond = encode_prompts(pipe, [own_prompts[stage]] * k, resolution)
+        base_own = eps(own_cond)
         with lora_loaded(pipe, sd):
-            report["drift"][stage] = F.mse_loss(eps(DRIFT_PROMPTS), base).item()
-            report["effect"][stage] = F.mse_loss(eps([own_prompts[stage]] * k), base_own).item()
+            report["drift"][stage] = F.mse_loss(eps(drift_cond), base).item()
+            report["effect"][stage] = F.mse_loss(eps(own_cond), base_own).item()
     return report
 
 
@@ -480,7 +482,7 @@ def drift_report(pipe, adapters, own_prompts, resolution, seed):
 #    diffusers' key layout and, beside it, in the kohya layout that ComfyUI and AUTOMATIC1111 read.
 # ---------------------------------------------------------------------------------------------
 
-WEIGHTS, CHECKPOINT = "pytorch_lora_weights.safetensors", "checkpoint.pt"
+WEIGHTS, KOHYA, CHECKPOINT = "pytorch_lora_weights.safetensors", "{}_kohya.safetensors", "checkpoint.pt"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
@@ -577,7 +579,7 @@ def save_lora(folder, sd, metadata):
     from diffusers.utils import convert_state_dict_to_kohya
 
     meta = {"b4m": json.dumps(metadata, sort_keys=True)}
-    for name, tensors in ((f"{metadata['stage']}_kohya.safetensors", convert_state_dict_to_kohya(sd)), (WEIGHTS, sd)):
+    for name, tensors in ((KOHYA.format(metadata["stage"]), convert_state_dict_to_kohya(sd)), (WEIGHTS, sd)):
         write_file(Path(folder) / name, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
@@ -788,7 +790,7 @@ def parse_args(argv):
         p = Parser(prog="b4m.py sample", description="Sample again from a finished run, without training.")
         p.add_argument("--run", required=True, help="a finished run's --out folder")
         p.add_argument("--seed", type=int, help="default: the run's")
-        p.add_argument("--export", help=f"also write the (scaled) made adapter to DIR/{WEIGHTS} and DIR/b4m_kohya.safetensors")
+        p.add_argument("--export", help=f"also write the (scaled) made adapter to DIR/{WEIGHTS} and DIR/{KOHYA.format('b4m')}")
         p.add_argument("--report", action="store_true", help="recompute report.json (drift and effect)")
     else:
         p = Parser(prog="b4m.py", description="Train B4M: content stage, style stage, make; then sample.",
@@ -834,9 +836,10 @@ def parse_args(argv):
                    help="frozen model precision (auto: fp16 on cuda, else fp32); adapters stay fp32")
     args = p.parse_args(argv[1:] if sample else argv)
     args.command = "sample" if sample else "train"
-    for key, value in {} if sample else {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
-        if getattr(args, key) is None:  # `sample` takes the run's settings instead
-            setattr(args, key, value)
+    if not sample:  # `sample` takes the run's settings instead
+        for key, value in {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     args.prompt = args.prompt or (None if sample else PROMPTS["b4m"])
     return args
 
@@ -882,7 +885,7 @@ def prepare_out(args):
         return set()
     if args.overwrite:  # the old run's adapters and checkpoints go: a later --resume must not take them as this run's
         for stage in STAGES:
-            for name in (WEIGHTS, f"{stage}_kohya.safetensors", CHECKPOINT):
+            for name in (WEIGHTS, KOHYA.format(stage), CHECKPOINT):
                 (out / stage / name).unlink(missing_ok=True)
         return set()
     if not args.resume:
@@ -1033,8 +1036,7 @@ def finish(pipe, adapters, args, report=True):
         one = {**sampling, "num_samples": 1}
         cells = [[generate(pipe, scale_made(adapters["b4m"], c, s), args.prompt, **one)[0] for c in SCALES] for s in SCALES]
         save_image(out / "samples" / "scale_grid.png", image_grid(cells))
-    if (args.content_scale, args.style_scale) != (1, 1):
-        adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}
+    adapters = {**adapters, "b4m": scale_made(adapters["b4m"], args.content_scale, args.style_scale)}  # (1, 1): as is
     prompts, rows = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}, []
     for stage, sd in adapters.items():
         rows.append(generate(pipe, sd, prompts[stage], **sampling))
@@ -1074,7 +1076,7 @@ def sample_main(args):
     adapters = {s: load_lora(run / s / WEIGHTS, pipe.unet, adapter_metadata(argparse.Namespace(**config), s))[0]
                 for s in STAGES}
     if args.export:
-        made = scale_made(adapters["b4m"], args.content_scale, args.style_scale) if args.baseline == "b4m" else adapters["b4m"]
+        made = scale_made(adapters["b4m"], args.content_scale, args.style_scale)
         meta = {**adapter_metadata(args, "b4m"), "content_scale": args.content_scale, "style_scale": args.style_scale}
         save_lora(args.export, made, meta)
     finish(pipe, adapters, args, report=args.report)
