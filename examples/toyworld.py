@@ -106,21 +106,22 @@ def gradient(left, right):
 
 
 def style_image(style, mask, rng):
-    """(fill, background, mask) for one style; outline styles keep only a rim of the shape."""
+    """(fill, background, mask) for one style; outline styles keep only a rim of the shape.
+    Only the chosen style's images are made (each entry is a lambda)."""
     flat = lambda c: Image.new("RGB", (DRAW, DRAW), c)
     white, phase = (255, 255, 255), rng.randrange(16)
     if style in ("outline", "neon"):
         mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(17)))
-    return {"red": (flat((220, 30, 30)), flat(white)),
-            "blue": (flat((30, 60, 220)), flat(white)),
-            "stripes": (pattern("stripes", [(20, 120, 40), (250, 220, 40)], 16, phase), flat(white)),
-            "dots": (pattern("dots", [(120, 40, 160), white], 16, phase), flat(white)),
-            "outline": (flat((30, 160, 60)), flat(white)),
-            "gradient": (gradient((0, 200, 220), (220, 0, 200)), flat(white)),
-            "night": (flat((250, 240, 150)), flat((20, 20, 70))),
-            "zebra": (pattern("diagonal", [(0, 0, 0), white], 16, phase), flat((170, 200, 230))),
-            "checker": (pattern("checker", [(0, 0, 0), (250, 200, 0)], 16, phase), flat(white)),
-            "neon": (flat((255, 40, 200)), flat((0, 0, 0)))}[style] + (mask,)
+    return {"red": lambda: (flat((220, 30, 30)), flat(white)),
+            "blue": lambda: (flat((30, 60, 220)), flat(white)),
+            "stripes": lambda: (pattern("stripes", [(20, 120, 40), (250, 220, 40)], 16, phase), flat(white)),
+            "dots": lambda: (pattern("dots", [(120, 40, 160), white], 16, phase), flat(white)),
+            "outline": lambda: (flat((30, 160, 60)), flat(white)),
+            "gradient": lambda: (gradient((0, 200, 220), (220, 0, 200)), flat(white)),
+            "night": lambda: (flat((250, 240, 150)), flat((20, 20, 70))),
+            "zebra": lambda: (pattern("diagonal", [(0, 0, 0), white], 16, phase), flat((170, 200, 230))),
+            "checker": lambda: (pattern("checker", [(0, 0, 0), (250, 200, 0)], 16, phase), flat(white)),
+            "neon": lambda: (flat((255, 40, 200)), flat((0, 0, 0)))}[style]() + (mask,)
 
 
 def draw(shape, style, seed):
@@ -133,7 +134,8 @@ def draw(shape, style, seed):
 
 
 def to_tensor(images):  # [-1, 1], N x 3 x 32 x 32
-    data = torch.tensor([list(im.convert("RGB").resize((SIZE, SIZE), Image.BOX).tobytes()) for im in images])
+    data = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").resize((SIZE, SIZE), Image.BOX).tobytes()),
+                                         dtype=torch.uint8) for im in images])
     return data.view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -205,10 +207,10 @@ def load_evaluator():
 
 @torch.no_grad()
 def classify(images, model=None):
-    """[(shape, style)] for PIL images."""
+    """[(shape, style)] for PIL images, or a [-1, 1] N x 3 x 32 x 32 tensor."""
     model = model or load_evaluator()
     out = []
-    for x in to_tensor(images).split(256):
+    for x in (images if torch.is_tensor(images) else to_tensor(images)).split(256):
         ps, pt = model(x)
         out += [(SHAPES[a], STYLES[b]) for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
     return out
@@ -309,8 +311,7 @@ def vae_check(vae, n=4):
     pairs = [(a, b) for a in SHAPES for b in STYLES]
     x, ys, yt = dataset(pairs, n, 10**6)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    got = classify([Image.frombytes("RGB", (SIZE, SIZE), bytes(((r + 1) * 127.5).round().byte().permute(1, 2, 0).flatten().tolist()))
-                    for r in rec])
+    got = classify(((rec + 1) * 127.5).round() / 127.5 - 1)  # as if saved as 8-bit images
     right = sum(s == SHAPES[a] and t == STYLES[b] for (s, t), a, b in zip(got, ys.tolist(), yt.tolist()))
     return {"psnr_db": round(10 * math.log10(4 / F.mse_loss(rec, x).item()), 2), "both_right": right / len(got)}
 
@@ -388,14 +389,9 @@ def sample(pipe, prompt, n, seed, steps=25):
 
 def gate(pipe, pairs, n, seed, model):
     """Share of samples of `a {shape} in {style} style` showing that shape, that style, both."""
-    hits = {"shape": 0, "style": 0, "both": 0, "n": 0}
-    for a, b in pairs:
-        for s, t in classify(sample(pipe, f"a {a} in {b} style", n, seed), model):
-            hits["shape"] += s == a
-            hits["style"] += t == b
-            hits["both"] += s == a and t == b
-            hits["n"] += 1
-    return {k: (v / hits["n"] if k != "n" else v) for k, v in hits.items()}
+    got = [(s == a, t == b) for a, b in pairs for s, t in classify(sample(pipe, f"a {a} in {b} style", n, seed), model)]
+    share = lambda right: sum(map(right, got)) / len(got)
+    return {"shape": share(lambda g: g[0]), "style": share(lambda g: g[1]), "both": share(all), "n": len(got)}
 
 
 def cmd_gates(args):
@@ -472,25 +468,21 @@ def cmd_compare(args):
     """Every (pair, seed) cell runs its methods in order; --jobs cells at once, one thread each
     (on 2 cores, two 1-thread b4m runs side by side took 1.27 times as long as one 2-thread run)."""
     out, model, t0 = Path(args.out), load_evaluator(), time.time()
-    cells = [(pair, image_sets(out / "sets", *pair), seed) for pair in COMPARE_PAIRS[:args.pairs] for seed in args.seeds]
+    cells = [(pair, image_sets(out / "sets", *pair), seed, out / f"{pair[0]}-{pair[2]}" / f"seed{seed}")
+             for pair in COMPARE_PAIRS[:args.pairs] for seed in args.seeds]
 
     def run_cell(cell):
-        (shape, _, new_style), (content, style), seed = cell
+        _, (content, style), seed, folder = cell
         for method in args.methods:
-            run_method(method, out / f"{shape}-{new_style}" / f"seed{seed}", content, style, seed, args.n,
-                       threads=1 if args.jobs > 1 else None)
-        print(f"{shape}-{new_style} seed {seed} done, {time.time() - t0:.0f}s", flush=True)
+            run_method(method, folder, content, style, seed, args.n, threads=1 if args.jobs > 1 else None)
+        print(f"{folder.relative_to(out)} done, {time.time() - t0:.0f}s", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_cell, cells))
-    results, rows = [], {}
-    for (shape, own_style, new_style), _, seed in cells:
-        for method in args.methods:
-            run = out / f"{shape}-{new_style}" / f"seed{seed}" / method
-            results.append({"method": method, "pair": [shape, new_style], "seed": seed,
-                            **score_run(run, shape, own_style, new_style, args.n, model)})
-            rows.setdefault(method, [Image.open(run / "samples" / f"b4m_{i}.png") for i in range(min(8, args.n))])
-    keys = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape", "style_stage_style"]
+    results = [{"method": method, "pair": [shape, new_style], "seed": seed,
+                **score_run(folder / method, shape, own_style, new_style, args.n, model)}
+               for (shape, own_style, new_style), _, seed, folder in cells for method in args.methods]
+    keys = [k for k in results[0] if k not in ("method", "pair", "seed")]  # score_run's, in its order
     table = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in args.methods:
         v = torch.tensor([[r[k] for k in keys] for r in results if r["method"] == method])
@@ -500,13 +492,13 @@ def cmd_compare(args):
     (out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
     (out / "compare.md").write_text("\n".join(table) + "\n\nmean ± spread (population std) over pairs and seeds; "
                                     f"{args.n} samples of 'a snq object in w@z style' per cell.\n")
-    w = max(len(r) for r in rows.values()) * SIZE
-    grid = Image.new("RGB", (w + 4 * SIZE, SIZE * len(rows)), "white")
+    k = min(8, args.n)  # one row per method: the first cell's first k combined-prompt samples
+    grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(args.methods)), "white")
     d = ImageDraw.Draw(grid)
-    for j, (method, ims) in enumerate(rows.items()):  # first pair, first seed
+    for j, method in enumerate(args.methods):
         d.text((2, j * SIZE + 10), method, fill="black")
-        for i, im in enumerate(ims):
-            grid.paste(im, (4 * SIZE + i * SIZE, j * SIZE))
+        for i in range(k):
+            grid.paste(Image.open(cells[0][3] / method / "samples" / f"b4m_{i}.png"), (4 * SIZE + i * SIZE, j * SIZE))
     grid.save(out / "compare.png")
     print("\n".join(table))
 
