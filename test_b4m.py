@@ -1,6 +1,9 @@
-"""Tests for b4m.py, in the order of its sections. Math is checked in float64 against the paper's
-identities; the pipeline is checked end to end on the tiny random SD/SDXL pipelines (offline)."""
+"""Tests for b4m.py. First the paper's identities, in the method's order, each an executable
+statement on small float64 tensors; then sections 1-3 in detail; then the product, end to end on
+the tiny random SD/SDXL pipelines (offline): break, make and sample, bad input, never losing work,
+checkpoints, the additions beyond the paper, the examples, and the toy world."""
 import argparse
+import functools
 import importlib.util
 import json
 import re
@@ -23,47 +26,59 @@ FAST = ["--steps", "2", "--make-steps", "2", "--grad-accum", "1", "--sample-step
 def plp(m=12, n=10, r=4, seed=0, dtype=torch.float64, bias=True):
     torch.manual_seed(seed)
     base = nn.Linear(n, m, bias=bias).to(dtype)
-    layer = b4m.PLPLinear(base, r, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    layer = b4m.PLPLinear(base, *b4m.orthogonal_prior(m, n, r, g), g)
     with torch.no_grad():
         layer.B.normal_()  # B = 0 at init hides half of the identities below
     return layer
 
 
-# 1. PLP layer ------------------------------------------------------------------------------------
+# The paper's identities, in the method's order ------------------------------------------------
+# Each test states one identity of sections 1-5 on small float64 tensors; the product's tests
+# (the tiny pipelines, files, bad input, resume, the toy world) follow further down.
+
+def toy_denoiser(seed=0):
+    """Two attention-named linear layers of odd, mixed widths: what add_plp adapts, in miniature."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(7, 9), "to_k": nn.Linear(9, 5)})}).double()
+
+
+def toy_sets(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(4, 7, generator=g, dtype=torch.float64),
+             "y": torch.randn(4, 5, generator=g, dtype=torch.float64)} for _ in range(n)]
+
+
+def toy_loss(denoiser):
+    """loss(sets, generator): one squared error per set, as b4m's stages expect of a loss."""
+    def loss(sets, generator=None):
+        f = lambda x: denoiser.attn.to_k(torch.tanh(denoiser.attn.to_q(x)))  # noqa: E731
+        return torch.stack([(f(s["x"]) - s["y"]).pow(2).mean() for s in sets])
+    return loss
+
+
+class Recorder(torch.optim.SGD):
+    """lr 0: keeps a copy of every gradient it is asked to step with."""
+    def __init__(self, groups):
+        super().__init__(groups, lr=0.0)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append([p.grad.clone() if p.grad is not None else None
+                          for g in self.param_groups for p in g["params"]])
+
 
 def test_plp_shapes_and_what_is_trainable():
     layer = plp(m=12, n=9, r=4)
     assert layer.A.shape == (6, 4) and layer.B.shape == (6, 4)
     assert layer.C.shape == (4, 4) and layer.D.shape == (4, 5)
-    assert layer.up.shape == (12, 4) and layer.down.shape == (4, 9)
+    assert layer.U.shape == (12, 4) and layer.V.shape == (4, 9)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["B", "D"]
     assert set(layer.state_dict()) == {"A", "C", "B", "D", "base.weight", "base.bias"}
-    fresh = b4m.PLPLinear(nn.Linear(9, 12), 4, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    fresh = b4m.PLPLinear(nn.Linear(9, 12), *b4m.orthogonal_prior(12, 9, 4, g), g)
     assert torch.equal(fresh.B, torch.zeros(6, 4))
     assert fresh.D.std().item() == pytest.approx(1 / 4, rel=0.5)
-
-
-def test_plp_reconstruction_identity_and_forward():
-    layer = plp()
-    A, B, C, D = layer.A, layer.B, layer.C, layer.D
-    blocks = torch.cat([torch.cat([A @ C, A @ D], 1), torch.cat([B @ C, B @ D], 1)], 0)
-    assert torch.allclose(layer.delta_weight(), blocks, atol=1e-12)
-    x = torch.randn(2, 3, 10, dtype=torch.float64)  # any leading batch shape
-    W = layer.base.weight + layer.delta_weight()
-    assert torch.allclose(layer(x), x @ W.T + layer.base.bias, atol=1e-12)
-
-
-def test_halves_are_the_blocks_of_the_layer():
-    layer = plp(m=13, n=9, r=4)  # odd sizes: m_f = 6 of 13 rows, n_f = 4 of 9 columns frozen
-    for mine, theirs in zip(b4m.halves(layer.up, layer.down), (layer.A, layer.B, layer.C, layer.D)):
-        assert torch.equal(mine, theirs)
-    assert layer.A.shape == (6, 4) and layer.C.shape == (4, 4)
-
-
-def test_plp_keeps_dtype_and_adapter_stays_fp32_under_bf16():
-    layer = b4m.PLPLinear(nn.Linear(8, 8).to(torch.bfloat16), 2, torch.Generator().manual_seed(0))
-    assert layer.B.dtype == layer.A.dtype == torch.float32
-    assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_only_B_and_D_move_even_with_weight_decay():
@@ -83,7 +98,15 @@ def test_only_B_and_D_move_even_with_weight_decay():
     assert set(map(id, opt.state)) == {id(layer.B), id(layer.D)}
 
 
-# 2. Orthogonal prior -----------------------------------------------------------------------------
+def test_plp_reconstruction_identity_and_forward():
+    layer = plp()
+    A, B, C, D = layer.A, layer.B, layer.C, layer.D
+    blocks = torch.cat([torch.cat([A @ C, A @ D], 1), torch.cat([B @ C, B @ D], 1)], 0)
+    assert torch.allclose(layer.delta_weight(), blocks, atol=1e-12)
+    x = torch.randn(2, 3, 10, dtype=torch.float64)  # any leading batch shape
+    W = layer.base.weight + layer.delta_weight()
+    assert torch.allclose(layer(x), x @ W.T + layer.base.bias, atol=1e-12)
+
 
 @pytest.mark.parametrize("m,n,r", [(12, 10, 4), (64, 32, 48), (7, 9, 3), (1280, 2048, 64)])
 def test_orthogonal_prior_identity(m, n, r):
@@ -91,56 +114,6 @@ def test_orthogonal_prior_identity(m, n, r):
     assert A.shape == (m // 2, r) and C.shape == (r, n // 2)
     assert torch.allclose(A.T @ A + C @ C.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
 
-
-def test_random_prior_breaks_the_identity_at_the_same_scale():
-    A, C = b4m.random_prior(64, 64, 8, torch.Generator().manual_seed(1))
-    G = A.T @ A + C @ C.T
-    assert not torch.allclose(G, torch.eye(8, dtype=torch.float64), atol=0.1)
-    assert G.diagonal().mean().item() == pytest.approx(1.0, abs=0.25)  # same scale, not orthonormal
-
-
-@pytest.mark.parametrize("rank", [0, -1, 12])
-def test_bad_rank_raises(rank):
-    with pytest.raises(ValueError, match="rank must be between 1 and"):
-        b4m.orthogonal_prior(12, 10, rank)  # 6 + 5 = 11 is the most a 12x10 layer allows
-    with pytest.raises(ValueError):
-        b4m.PLPLinear(nn.Linear(10, 12), rank)
-
-
-def tiny_unet():
-    return b4m.tiny_pipeline("sd").unet
-
-
-def test_add_plp_is_reproducible_per_seed_and_name():
-    a, b, c = (b4m.add_plp(tiny_unet(), 4, seed) for seed in (0, 0, 1))
-    assert list(a) == list(b)
-    for name in a:
-        assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].C, b[name].C)
-        assert torch.equal(a[name].D, b[name].D)
-        assert not torch.equal(a[name].A, c[name].A)
-    first, second = list(a.values())[:2]
-    assert not torch.equal(first.A[:2], second.A[:2])  # each layer its own draw
-
-
-def test_add_plp_replaces_exactly_the_attention_projections():
-    unet = tiny_unet()
-    expected = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)
-                and n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith(".to_out.0")]
-    linears = sum(isinstance(m, nn.Linear) for m in unet.modules())
-    x = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
-    before = unet(*x).sample
-    layers = b4m.add_plp(unet, 4, 0)
-    # 4 transformer blocks (down 1, mid 1, up 2) x 2 attentions (self, cross) x 4 projections
-    assert sorted(layers) == sorted(expected) and len(layers) == 32
-    assert {n for n, m in unet.named_modules() if isinstance(m, b4m.PLPLinear)} == set(expected)
-    assert sum(isinstance(m, nn.Linear) for m in unet.modules()) == linears  # bases kept inside
-    after = unet(*x).sample
-    assert after.shape == before.shape and not torch.equal(after, before)  # A C, A D != 0 at init
-    b4m.remove_plp(unet)
-    assert torch.equal(unet(*x).sample, before)
-
-
-# 3. Riemannian preconditioned step ---------------------------------------------------------------
 
 def test_preconditioner_formula():
     g = torch.Generator().manual_seed(0)
@@ -178,6 +151,128 @@ def test_preconditioned_step_is_invariant_to_reparametrisation():
     assert not torch.allclose(first_order_change(U, V, False), first_order_change(U2, V2, False), atol=1e-1)
 
 
+@pytest.mark.parametrize("stage", ["content", "style"])
+def test_break_routes_each_loss_into_its_own_half_exactly(stage):
+    """MCP: the target loss's gradient reaches only the stage's own half (D for content, B for
+    style), the auxiliary loss's only the other half; each equals the gradient of its loss alone."""
+    denoiser = toy_denoiser()
+    layers = b4m.add_plp(denoiser, 3, seed=0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.B.normal_()  # B = 0 at init would hide the style half's gradient
+    B, D = [t.B for t in layers.values()], [t.D for t in layers.values()]
+    own, other = (D, B) if stage == "content" else (B, D)
+    target, *aux = toy_sets()
+    loss = toy_loss(denoiser)
+    expect_own = torch.autograd.grad(loss([target]).mean(), own)
+    expect_other = torch.autograd.grad(loss(aux).mean(), other)  # mean over the auxiliary sets
+    opt = Recorder([{"params": own}, {"params": other}])
+    scaler = b4m.loss_scaler(denoiser)
+    b4m.break_step(loss, target, aux, own, other, opt, generator=None, scaler=scaler, max_grad_norm=0)
+    got = opt.seen[0]
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(got[:len(own)], expect_own))
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(got[len(own):], expect_other))
+    assert all(t.A.grad is None and t.C.grad is None for t in layers.values())
+
+
+def test_make_gradient_is_the_gradient_of_L_content_plus_L_style():
+    denoiser = toy_denoiser()
+    layers = b4m.add_plp(denoiser, 3, seed=0)
+    B, D = [t.B for t in layers.values()], [t.D for t in layers.values()]
+    content, style = toy_sets(n=2)
+    loss = toy_loss(denoiser)
+    L = loss([content])[0] + loss([style])[0]
+    expect = torch.autograd.grad(L, B + D)
+    opt = Recorder([{"params": B}, {"params": D}])
+    b4m.make_step(loss, content, style, opt, generator=None, scaler=b4m.loss_scaler(denoiser), max_grad_norm=0)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(opt.seen[0], expect))
+
+
+def test_reassembly_is_exact_U_is_A_B_style_and_V_is_C_D_content():
+    content_layers = b4m.add_plp(toy_denoiser(), 3, seed=0)
+    style_layers = b4m.add_plp(toy_denoiser(), 3, seed=0)  # same seed: the same A and C
+    with torch.no_grad():
+        for c, s in zip(content_layers.values(), style_layers.values()):
+            c.B.normal_(), c.D.normal_(), s.B.normal_(), s.D.normal_()
+    made = b4m.reassemble(b4m.lora_state_dict(content_layers), b4m.lora_state_dict(style_layers))
+    for name, c in content_layers.items():
+        s = style_layers[name]
+        U, V = made[f"unet.{name}.lora_B.weight"], made[f"unet.{name}.lora_A.weight"]
+        assert torch.equal(U, torch.cat([s.A, s.B]).float()) and torch.equal(V, torch.cat([c.C, c.D], 1).float())
+
+
+# 1-3 in detail: the PLP layer, the prior, the preconditioner ------------------------------
+
+
+def test_halves_are_the_blocks_of_the_layer():
+    layer = plp(m=13, n=9, r=4)  # odd sizes: m_f = 6 of 13 rows, n_f = 4 of 9 columns frozen
+    for mine, theirs in zip(b4m.halves(layer.U, layer.V), (layer.A, layer.B, layer.C, layer.D)):
+        assert torch.equal(mine, theirs)
+    assert layer.A.shape == (6, 4) and layer.C.shape == (4, 4)
+
+
+def test_plp_keeps_dtype_and_adapter_stays_fp32_under_bf16():
+    g = torch.Generator().manual_seed(0)
+    layer = b4m.PLPLinear(nn.Linear(8, 8).to(torch.bfloat16), *b4m.orthogonal_prior(8, 8, 2, g), g)
+    assert layer.B.dtype == layer.A.dtype == torch.float32
+    assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# 2. Orthogonal prior -----------------------------------------------------------------------------
+
+def test_random_prior_breaks_the_identity_at_the_same_scale():
+    A, C = b4m.random_prior(64, 64, 8, torch.Generator().manual_seed(1))
+    G = A.T @ A + C @ C.T
+    assert not torch.allclose(G, torch.eye(8, dtype=torch.float64), atol=0.1)
+    assert G.diagonal().mean().item() == pytest.approx(1.0, abs=0.25)  # same scale, not orthonormal
+
+
+@pytest.mark.parametrize("rank", [0, -1, 12])
+def test_bad_rank_raises(rank):
+    with pytest.raises(ValueError, match="rank must be between 1 and"):
+        b4m.orthogonal_prior(12, 10, rank)  # 6 + 5 = 11 is the most a 12x10 layer allows
+    with pytest.raises(ValueError, match="rank must be between 1 and"):
+        b4m.random_prior(12, 10, rank)
+    A, C = b4m.orthogonal_prior(12, 10, 4)
+    with pytest.raises(ValueError, match="do not fit a 12x12 layer"):  # a 12x10 layer's scaffold
+        b4m.PLPLinear(nn.Linear(12, 12), A, C)
+
+
+def tiny_unet():
+    return b4m.tiny_pipeline("sd").unet
+
+
+def test_add_plp_is_reproducible_per_seed_and_name():
+    a, b, c = (b4m.add_plp(tiny_unet(), 4, seed) for seed in (0, 0, 1))
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].C, b[name].C)
+        assert torch.equal(a[name].D, b[name].D)
+        assert not torch.equal(a[name].A, c[name].A)
+    first, second = list(a.values())[:2]
+    assert not torch.equal(first.A[:2], second.A[:2])  # each layer its own draw
+
+
+def test_add_plp_replaces_exactly_the_attention_projections():
+    unet = tiny_unet()
+    expected = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)
+                and n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith(".to_out.0")]
+    linears = sum(isinstance(m, nn.Linear) for m in unet.modules())
+    x = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    before = unet(*x).sample
+    layers = b4m.add_plp(unet, 4, 0)
+    # 4 transformer blocks (down 1, mid 1, up 2) x 2 attentions (self, cross) x 4 projections
+    assert sorted(layers) == sorted(expected) and len(layers) == 32
+    assert {n for n, m in unet.named_modules() if isinstance(m, b4m.PLPLinear)} == set(expected)
+    assert sum(isinstance(m, nn.Linear) for m in unet.modules()) == linears  # bases kept inside
+    after = unet(*x).sample
+    assert after.shape == before.shape and not torch.equal(after, before)  # A C, A D != 0 at init
+    b4m.remove_plp(unet)
+    assert torch.equal(unet(*x).sample, before)
+
+
+# 3. Riemannian preconditioned step ---------------------------------------------------------------
+
 def test_riemannian_adamw_equals_adamw_on_preconditioned_gradients():
     layers = [plp(m=12, n=10, seed=1), plp(m=12, n=10, seed=2), plp(m=8, n=6, r=3, seed=3)]
     twins = [plp(m=12, n=10, seed=1), plp(m=12, n=10, seed=2), plp(m=8, n=6, r=3, seed=3)]
@@ -189,11 +284,86 @@ def test_riemannian_adamw_equals_adamw_on_preconditioned_gradients():
             sum(t(torch.randn(3, t.base.in_features, dtype=torch.float64)).sin().sum() for t in group).backward()
         for t in twins:  # preconditioned one layer at a time, unbatched
             with torch.no_grad():
-                t.B.grad, t.D.grad = b4m.riemannian_precondition(t.up, t.down, t.B.grad, t.D.grad, delta=1e-6)
+                t.B.grad, t.D.grad = b4m.riemannian_precondition(t.U, t.V, t.B.grad, t.D.grad, delta=1e-6)
         ours.step(), ref.step()
         ours.zero_grad(), ref.zero_grad()
         for a, b in zip(layers, twins):
             assert torch.allclose(a.B, b.B, atol=1e-12) and torch.allclose(a.D, b.D, atol=1e-12)
+
+
+def test_riemannian_adamw_batches_layers_of_any_widths():
+    """Layers of 10 and 11 outputs have A of one shape and B of two: grouped apart, not stacked."""
+    layers = [plp(m=10, n=9, r=3, seed=1), plp(m=11, n=9, r=3, seed=2), plp(m=10, n=9, r=3, seed=3),
+              plp(m=7, n=12, r=2, seed=4)]
+    opt = b4m.RiemannianAdamW(layers, lr=1e-2)
+    assert sorted(len(group) for group in opt.same_shape.values()) == [1, 1, 2]
+    sum(t(torch.randn(3, t.base.in_features, dtype=torch.float64)).sin().sum() for t in layers).backward()
+    expect = [b4m.riemannian_precondition(t.U, t.V, t.B.grad, t.D.grad) for t in layers]
+    opt.step()
+    for t, (P_B, P_D) in zip(layers, expect):
+        assert torch.allclose(t.B.grad, P_B, atol=1e-12) and torch.allclose(t.D.grad, P_D, atol=1e-12)
+
+
+COPY_OUT = """
+import sys
+for name in ("PIL", "safetensors", "tqdm", "diffusers", "transformers", "peft"):
+    sys.modules[name] = None  # any import of these now fails
+import torch, torch.nn as nn
+from b4m import PLPLinear, orthogonal_prior, add_plp, riemannian_precondition, RiemannianAdamW, reassemble
+from b4m import lora_state_dict
+torch.manual_seed(0)
+net = nn.ModuleDict({"a": nn.ModuleDict({"to_q": nn.Linear(9, 10), "to_k": nn.Linear(9, 11),
+                                         "to_v": nn.Linear(13, 7)})}).double()
+layers = add_plp(net, 3, seed=0)
+extra = PLPLinear(nn.Linear(5, 6).double(), *orthogonal_prior(6, 5, 2))
+opt = RiemannianAdamW([*layers.values(), extra], lr=1e-2)
+for _ in range(2):
+    loss = sum(t(torch.randn(2, t.base.in_features, dtype=torch.float64)).pow(2).sum()
+               for t in [*layers.values(), extra])
+    loss.backward()
+    expect = [riemannian_precondition(t.U, t.V, t.B.grad, t.D.grad) for t in [*layers.values(), extra]]
+    opt.step()
+    for t, (P_B, P_D) in zip([*layers.values(), extra], expect):
+        assert torch.allclose(t.B.grad, P_B, atol=1e-12) and torch.allclose(t.D.grad, P_D, atol=1e-12)
+    opt.zero_grad()
+sd = lora_state_dict(layers)
+assert reassemble(sd, sd).keys() == sd.keys()
+print("ok", sorted(m for m in ("PIL", "safetensors", "tqdm", "diffusers", "transformers", "peft")
+                   if sys.modules.get(m) is not None))
+"""
+
+
+def test_the_method_copies_out_with_torch_alone():
+    r = subprocess.run([sys.executable, "-c", COPY_OUT], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok []"
+
+
+def test_b4m_py_reads_as_a_reference():
+    """No line over 100 characters, and at least a third of sections 1-6 (banners aside) explains:
+    comment lines and docstrings."""
+    import io
+    import tokenize
+
+    source = (ROOT / "b4m.py").read_text()
+    lines = source.splitlines()
+    assert [i + 1 for i, line in enumerate(lines) if len(line) > 100] == []
+    docstrings = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.STRING and tok.string.startswith('"""'):
+            docstrings.update(range(tok.start[0], tok.end[0] + 1))
+    first = next(i for i, line in enumerate(lines) if line.startswith("# 1. Partly learnable"))
+    last = next(i for i, line in enumerate(lines) if line.startswith("# 7. "))
+    explained = total = 0
+    banner = False
+    for number in range(first - 1, last - 1):
+        line = lines[number].strip()
+        if line.startswith("# ----"):
+            banner = not banner
+        elif line and not banner:
+            total += 1
+            explained += line.startswith("#") or number + 1 in docstrings
+    assert total > 300 and explained / total >= 1 / 3, (explained, total)
 
 
 def test_riemannian_adamw_reads_the_halves_as_they_are_at_each_step():
@@ -208,7 +378,7 @@ def test_riemannian_adamw_reads_the_halves_as_they_are_at_each_step():
         torch.manual_seed(0)
         t(torch.randn(3, 10, dtype=torch.float64)).sin().sum().backward()
     with torch.no_grad():
-        twin.B.grad, twin.D.grad = b4m.riemannian_precondition(twin.up, twin.down, twin.B.grad, twin.D.grad)
+        twin.B.grad, twin.D.grad = b4m.riemannian_precondition(twin.U, twin.V, twin.B.grad, twin.D.grad)
     ours.step(), ref.step()
     assert torch.allclose(layer.B, twin.B, atol=1e-12) and torch.allclose(layer.D, twin.D, atol=1e-12)
 
@@ -219,7 +389,7 @@ def tiny_sets():
     from diffusers import DDPMScheduler
 
     pipe = b4m.load_pipeline("tiny", "cpu", torch.float32)
-    content, style = (b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / d, "--x", 64)) for d in ("content", "style"))
+    content, style = (b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / d, 64)) for d in ("content", "style"))
     return pipe, DDPMScheduler.from_config(pipe.scheduler.config), content, style
 
 
@@ -236,9 +406,12 @@ def test_gradient_clipping_bounds_each_half_and_zero_turns_it_off(tiny_sets):
     def norms(limit):
         opt = Seen([{"params": D}, {"params": B}], lr=0.0)
         opt.norms = []
-        huge = lambda losses: 1e6 * losses.mean()  # noqa: E731
-        b4m.train(2, pipe.unet, sched, [([data], D, huge), ([data], B, huge)], opt, torch.Generator().manual_seed(0),
-                  batch_size=1, grad_accum=1, max_grad_norm=limit)
+
+        def huge(sets, generator):
+            return 1e6 * b4m.denoising_loss(pipe.unet, sched, 1, sets, generator)
+        g, scaler = torch.Generator().manual_seed(0), b4m.loss_scaler(pipe.unet)
+        for _ in range(2):
+            b4m.break_step(huge, data, [data], D, B, opt, generator=g, scaler=scaler, max_grad_norm=limit)
         return opt.norms
 
     raw = norms(0)
@@ -361,27 +534,32 @@ def test_exported_lora_in_diffusers_equals_the_plp_model(sd_run, tmp_path, kind)
     assert all(kohya_sd[f"{n}.alpha"].item() == 4 for n in names)  # alpha = rank: scale 1
 
 
-def test_gradient_routing_in_the_content_stage(tiny_sets):
+@pytest.mark.parametrize("stage", ["content", "style"])
+def test_gradient_routing_in_both_break_stages_on_the_tiny_pipeline(tiny_sets, stage):
     """After a content step, D has seen only the content loss: it is the same whatever the
-    auxiliary style images are. B has seen only the auxiliary loss, so it is not."""
+    auxiliary style images are; B has seen only the auxiliary loss, so it is not. The style
+    stage is the mirror image: B the same whatever the auxiliary content, D not."""
     pipe, sched, content, style = tiny_sets
-    aux1, aux2 = style, content
-    kw = dict(rank=4, seed=0, steps=1, lr=1e-3, aux_lr=1e-3, batch_size=1, grad_accum=2, max_grad_norm=1.0)
-    first, _ = b4m.break_stage("content", pipe.unet, sched, content, [aux1], **kw)
-    second, _ = b4m.break_stage("content", pipe.unet, sched, content, [aux2], **kw)
+    aux1, aux2 = (style, content) if stage == "content" else (content, style)
+    kw = dict(rank=4, seed=0, steps=1, lr=1e-3, aux_lr=1e-3, grad_accum=2, max_grad_norm=1.0)
+    loss = functools.partial(b4m.denoising_loss, pipe.unet, sched, 1)
+    first, _ = b4m.break_stage(stage, pipe.unet, loss, content, style, [aux1], **kw)
+    second, _ = b4m.break_stage(stage, pipe.unet, loss, content, style, [aux2], **kw)
+    own, other = (3, 1) if stage == "content" else (1, 3)  # indices of D and B in (A, B, C, D)
     keys = [k for k in first if k.endswith("lora_B.weight")]
     for k in keys:
-        assert torch.equal(split(first, k)[3], split(second, k)[3])  # D
-    assert any(not torch.equal(split(first, k)[1], split(second, k)[1]) for k in keys)  # B
+        assert torch.equal(split(first, k)[own], split(second, k)[own])
+    assert any(not torch.equal(split(first, k)[other], split(second, k)[other]) for k in keys)
 
 
 def test_break_and_make_as_plain_functions(tiny_sets):
     """The method without the command line: plain values in, state dicts and loss logs out, no files."""
     pipe, sched, content, style = tiny_sets
-    kw = dict(rank=4, seed=0, batch_size=1, grad_accum=1, max_grad_norm=1.0)
-    c, c_log = b4m.break_stage("content", pipe.unet, sched, content, [style], steps=2, lr=1e-3, aux_lr=1e-4, **kw)
-    s, _ = b4m.break_stage("style", pipe.unet, sched, style, [content], steps=2, lr=1e-3, aux_lr=1e-4, **kw)
-    made, m_log = b4m.make_stage(pipe.unet, sched, content, style, c, s, steps=3, lr=1e-3, **kw)
+    kw = dict(rank=4, seed=0, grad_accum=1, max_grad_norm=1.0)
+    loss = functools.partial(b4m.denoising_loss, pipe.unet, sched, 1)
+    c, c_log = b4m.break_stage("content", pipe.unet, loss, content, style, steps=2, lr=1e-3, aux_lr=1e-4, **kw)
+    s, _ = b4m.break_stage("style", pipe.unet, loss, content, style, steps=2, lr=1e-3, aux_lr=1e-4, **kw)
+    made, m_log = b4m.make_stage(pipe.unet, loss, content, style, c, s, steps=3, lr=1e-3, **kw)
     assert [row[0] for row in c_log] == [1, 2] and len(c_log[0]) == 3 and [row[0] for row in m_log] == [1, 2, 3]
     assert not any(isinstance(m, b4m.PLPLinear) for m in pipe.unet.modules())  # the UNet is given back as it was
     start = b4m.reassemble(c, s)
@@ -425,7 +603,7 @@ def test_v_prediction_target(tiny_sets):
     losses = {}
     for kind in ("epsilon", "v_prediction"):
         sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind)
-        losses[kind] = b4m.set_losses(pipe.unet, sched, [data], 2, torch.Generator().manual_seed(0))
+        losses[kind] = b4m.denoising_loss(pipe.unet, sched, 2, [data], torch.Generator().manual_seed(0))
     assert not torch.equal(losses["epsilon"], losses["v_prediction"])  # same draws, other target
 
 
@@ -525,7 +703,7 @@ def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
     (folder / "zero.png").write_bytes(b"")
     (folder / "text.JPG").write_text("not an image")
     (folder / "half.png").write_bytes((EXAMPLES / "content" / "bear_0.png").read_bytes()[:200])
-    pixels, prompt = b4m.load_image_set(folder, "--content", 64)
+    pixels, prompt = b4m.load_image_set(folder, 64)
     assert pixels.shape == (4, 3, 64, 64) and prompt == "a photo of snq teddybear"
     err = capsys.readouterr().err
     for name in ("zero.png", "text.JPG", "half.png"):
@@ -536,7 +714,7 @@ def test_a_prompt_file_with_a_byte_order_mark_is_read_without_it(tmp_path):
     folder = tmp_path / "content"
     shutil.copytree(EXAMPLES / "content", folder)
     (folder / "prompt.txt").write_bytes("a photo of snq poupée\r\n".encode("utf-8-sig"))  # as Notepad saves it
-    assert b4m.load_image_set(folder, "--content", 64)[1] == "a photo of snq poupée"
+    assert b4m.load_image_set(folder, 64)[1] == "a photo of snq poupée"
 
 
 def test_rank_too_large_for_the_model_is_refused_before_loading(tmp_path, capsys, no_model_load):
@@ -633,7 +811,7 @@ def test_resume_keeps_finished_stages_and_refuses_other_settings(sd_run, tmp_pat
     assert code == 2 and "max_grad_norm (was 1.0, now 0.0)" in err
     code, err = run_b4m(argv, capsys)
     assert code == 0, err
-    assert "content: kept" in err and "style: kept" in err and "b4m:" in err
+    assert "content: kept" in err and "style: kept" in err and "make:" in err
     assert {s: (out / s / b4m.WEIGHTS).read_bytes() for s in ("content", "style")} == kept
     assert (out / "b4m" / b4m.WEIGHTS).read_bytes() == made  # the same make, redone
     assert (out / "losses.csv").read_text() == (sd_run / "losses.csv").read_text()
@@ -703,15 +881,13 @@ KILLER = """
 import os, signal, sys
 import b4m
 stage, at, where = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-train, fsync, now = b4m.train, os.fsync, []
+after_step, fsync, now = b4m.CheckpointedLoop.after_step, os.fsync, []
 
-def killing_train(*a, on_step, desc, **k):
-    def hook(step, state):
-        now[:] = [desc, step]
-        if where == "step" and now == [stage, at]:
-            os.kill(os.getpid(), signal.SIGKILL)
-        on_step(step, state)
-    return train(*a, on_step=hook, desc=desc, **k)
+def killing_after_step(loop, step, *a):
+    now[:] = [loop.stage, step]
+    if where == "step" and now == [stage, at]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    after_step(loop, step, *a)
 
 def killing_fsync(fd):  # half of the checkpoint written, then killed before the rename
     if where == "write" and now == [stage, at] and ".checkpoint.pt.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
@@ -719,7 +895,7 @@ def killing_fsync(fd):  # half of the checkpoint written, then killed before the
         os.kill(os.getpid(), signal.SIGKILL)
     fsync(fd)
 
-b4m.train, os.fsync = killing_train, killing_fsync
+b4m.CheckpointedLoop.after_step, os.fsync = killing_after_step, killing_fsync
 sys.exit(b4m.main(sys.argv[4:]))
 """
 
@@ -741,16 +917,16 @@ def test_killed_in_every_stage_and_mid_checkpoint_write_resumes_byte_identical(n
     out = tmp_path / "run"
     argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny", "--out", out, *RESUMABLE]
     for stage, at, where, checkpoint_step in [("content", 11, "step", 8), ("style", 3, "step", None),
-                                              ("style", 9, "step", 8), ("b4m", 8, "write", 4)]:
+                                              ("style", 9, "step", 8), ("make", 8, "write", 4)]:
         r = subprocess.run([sys.executable, "-c", KILLER, stage, str(at), where, *map(str, argv), "--resume"],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == -9, r.stderr
-        path = out / stage / b4m.CHECKPOINT
+        path = out / b4m.NAMES[stage] / b4m.CHECKPOINT
         assert (torch.load(path, weights_only=True)["step"] if path.exists() else None) == checkpoint_step
     assert [p.name for p in (out / "b4m").iterdir() if ".tmp" in p.name]  # the half-written checkpoint
     code, err = run_b4m([*argv, "--resume"], capsys)
     assert code == 0, err
-    assert "content: kept" in err and "style: kept" in err and "b4m: continuing from step 4" in err
+    assert "content: kept" in err and "style: kept" in err and "make: continuing from step 4" in err
     assert outputs(out) == outputs(never_stopped)
     assert [p for p in out.rglob("*") if ".tmp" in p.name or p.name == b4m.CHECKPOINT] == []
 
@@ -788,7 +964,7 @@ def test_non_finite_loss_stops_and_keeps_saved_stages(tmp_path, capsys):
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
                          "--out", out, *FAST, "--make-steps", "5", "--make-lr", "1e30"], capsys)
     assert code == 2
-    assert "b4m stage, step 2: the loss is not finite" in err.strip().splitlines()[-1]
+    assert "make stage, step 2: the loss is not finite" in err.strip().splitlines()[-1]
     assert (out / "content" / b4m.WEIGHTS).is_file() and (out / "style" / b4m.WEIGHTS).is_file()
     assert not (out / "b4m" / b4m.WEIGHTS).exists()
 
@@ -807,7 +983,7 @@ def test_adapters_for_another_model_rank_or_method_are_refused(sd_run, tmp_path,
     ]:
         out = tmp_path / name
         shutil.copytree(sd_run, out)
-        stored = b4m.adapter_metadata(argparse.Namespace(**json.loads((out / "config.json").read_text())["settings"]), "b4m")
+        stored = b4m.adapter_metadata(argparse.Namespace(**json.loads((out / "config.json").read_text())["settings"]), "make")
         b4m.save_lora(out / "b4m", sd, {**stored, **meta})
         code, err = run_b4m(["sample", "--run", out], capsys)
         assert code == 2 and all(w in err.splitlines()[-1] for w in words), (name, err)
@@ -1048,7 +1224,7 @@ def test_gradient_checkpointing_and_bf16(tmp_path, capsys):
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_training_loop_runs_only_the_unet_two_forwards_per_break_step(tmp_path, capsys, monkeypatch, model):
     calls, in_loop = [], [False]
-    load_pipeline, train = b4m.load_pipeline, b4m.train
+    load_pipeline, real_loop = b4m.load_pipeline, b4m.CheckpointedLoop.__call__
 
     def counting_pipeline(*a, **k):
         pipe = load_pipeline(*a, **k)
@@ -1059,15 +1235,15 @@ def test_training_loop_runs_only_the_unet_two_forwards_per_break_step(tmp_path, 
                 module.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, in_loop[0], len(a[0]))))
         return pipe
 
-    def marked_train(*a, **k):
+    def marked_loop(*a, **k):
         in_loop[0] = True
         try:
-            return train(*a, **k)
+            return real_loop(*a, **k)
         finally:
             in_loop[0] = False
 
     monkeypatch.setattr(b4m, "load_pipeline", counting_pipeline)
-    monkeypatch.setattr(b4m, "train", marked_train)
+    monkeypatch.setattr(b4m.CheckpointedLoop, "__call__", marked_loop)
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", model,
                          "--out", tmp_path / "run", *FAST, "--steps", "3", "--grad-accum", "2", "--batch-size", "2",
                          "--aux-style", EXAMPLES / "style", EXAMPLES / "content", "--make-steps", "2"], capsys)
@@ -1107,7 +1283,7 @@ def test_every_compared_setting_is_a_flag_and_every_default_is_in_the_help(capsy
     assert compared <= set(args) and set(b4m.DEFAULTS) <= set(args)
     assert all(args[k] == v for k, v in b4m.DEFAULTS.items())
     tiny = vars(b4m.parse_args(["--content", "c", "--style", "s", "--model", "tiny"]))
-    assert all(tiny[k] == v for k, v in b4m.TINY.items()) and args["prompt"] == b4m.PROMPTS["b4m"]
+    assert all(tiny[k] == v for k, v in b4m.TINY.items()) and args["prompt"] == b4m.PROMPTS["make"]
     with pytest.raises(SystemExit):
         b4m.parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
@@ -1128,6 +1304,15 @@ def test_sample_resolution_is_the_model_size_unless_given(sd_run, tmp_path, caps
     assert code == 0, err
     assert Image.open(run / "samples" / "grid.png").size == (32, 3 * 32)
     assert json.loads((run / "report.json").read_text())["drift"] == report["drift"]  # at the training size
+
+
+def test_the_readme_notebook_block_runs_as_written():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("In a notebook", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block + "\nprint(len(made), [row[0] for row in log])\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "64 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", r.stdout  # 32 layers, 2 keys each
 
 
 def test_the_readme_states_the_defaults_the_code_has():
@@ -1211,14 +1396,14 @@ def test_short_content_stage_teaches_the_new_shape(toy_pipe, evaluator, tmp_path
     from diffusers import DDPMScheduler
 
     content, style = toyworld.image_sets(tmp_path, "heart", "blue", "checker")
-    target = b4m.encode_set(toy_pipe, *b4m.load_image_set(content, "--content", 32))
-    aux = b4m.encode_set(toy_pipe, *b4m.load_image_set(style, "--style", 32))
+    target = b4m.encode_set(toy_pipe, *b4m.load_image_set(content, 32))
+    aux = b4m.encode_set(toy_pipe, *b4m.load_image_set(style, 32))
     hearts = lambda images: sum(s == "heart" for s, _ in toyworld.classify(images, evaluator))
     base = hearts(toyworld.sample(toy_pipe, "a photo of snq object", 16, 0))
     # The quick start's rank and batch; 100 steps at 3e-3 (a content stage alone learns faster at a higher lr)
-    sd, _ = b4m.break_stage("content", toy_pipe.unet, DDPMScheduler.from_config(toy_pipe.scheduler.config), target, [aux],
-                            rank=16, seed=0, steps=100, lr=3e-3, aux_lr=3e-4, batch_size=8, grad_accum=1,
-                            max_grad_norm=1.0)
+    loss = functools.partial(b4m.denoising_loss, toy_pipe.unet, DDPMScheduler.from_config(toy_pipe.scheduler.config), 8)
+    sd, _ = b4m.break_stage("content", toy_pipe.unet, loss, target, aux, rank=16, seed=0, steps=100, lr=3e-3,
+                            aux_lr=3e-4, grad_accum=1, max_grad_norm=1.0)
     learned = hearts(b4m.generate(toy_pipe, sd, "a photo of snq object", num_samples=16, steps=25, resolution=32, seed=0))
     assert base == 0 and learned >= 8, (base, learned)  # measured here: 0, then 10 of 16
 

@@ -191,7 +191,7 @@ def checkpoint_section(riem, params, t_plp, repeats):
             t0 = time.perf_counter()
             state = {"step": every, "params": [p.detach().cpu().clone() for p in params], "optimizer": riem.state_dict(),
                      "scaler": {}, "generator": torch.Generator().get_state(), "log": [[i, 0.1, 0.1] for i in range(every)]}
-            b4m.write_file(Path(tmp) / b4m.CHECKPOINT, lambda f: torch.save(state, f))  # as run_stage writes one
+            b4m.write_file(Path(tmp) / b4m.CHECKPOINT, lambda f: torch.save(state, f))  # as CheckpointedLoop writes one
             return time.perf_counter() - t0
         c = interleaved({"save": save}, repeats)["save"]
         size = (Path(tmp) / b4m.CHECKPOINT).stat().st_size
