@@ -17,8 +17,9 @@ The method, sections 1-6, in the paper's order (they need torch alone and touch 
   5. Make: the two halves reassembled into one LoRA, U = [A; B_style], V = [C, D_content], and
      fine-tuned briefly with 3.
   6. Sample: the made adapter is an ordinary diffusers LoRA.
-Around it: 7. the naive baseline and the drift report, 8. models (diffusers), 9. files,
-10. the command line (checkpoints, --resume, one-line errors).
+Around it: 7. the flow-matching loss of SD3 / SD3.5 and FLUX.1, 8. the naive baseline and the
+drift report, 9. models (diffusers), 10. files, 11. the command line (checkpoints, --resume,
+one-line errors).
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -185,7 +186,10 @@ def seeded(seed, name):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection of the UNet
+# Every attention projection: a UNet's to_q, to_k, to_v, to_out.0 (self- and cross-attention);
+# in an MMDiT (SD3, FLUX) also the text stream's add_q_proj, add_k_proj, add_v_proj, to_add_out.
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+           "to_add_out")
 
 
 def is_target(name, module):
@@ -193,9 +197,8 @@ def is_target(name, module):
 
 
 def add_plp(denoiser, rank, seed, prior=orthogonal_prior):
-    """Wrap every to_q, to_k, to_v, to_out.0 of the denoiser in a PLPLinear: self- and
-    cross-attention, every block; no feed-forward or convolution layers, as in the paper.
-    Returns {module name: PLPLinear}."""
+    """Wrap every attention projection of the denoiser (TARGETS) in a PLPLinear: every block, as
+    in the paper; no feed-forward or convolution layers. Returns {module name: PLPLinear}."""
     layers = {}
     # list(...): the loop replaces modules, so it walks a snapshot of the module tree.
     for name, module in list(denoiser.named_modules()):
@@ -266,8 +269,15 @@ class RiemannianAdamW(torch.optim.AdamW):
             raise ValueError("RiemannianAdamW needs the gradients before the step: "
                              "call backward(), then step()")
         for group in self.same_shape.values():
+            # A layer the loss does not reach (SD3's last add_q_proj: that block's text output is
+            # discarded) gets an exactly zero gradient, which make_step turns into None
+            # (leave_unreached, section 4): it is left as it is, as AdamW leaves such parameters.
+            reached = [layer.B.grad is not None or layer.D.grad is not None for layer in group]
+            group = [layer for layer, was in zip(group, reached) if was]
             if any(layer.B.grad is None or layer.D.grad is None for layer in group):
-                raise ValueError("RiemannianAdamW: every layer needs gradients for both B and D")
+                raise ValueError("RiemannianAdamW: a layer needs gradients for both B and D")
+            if not group:
+                continue
             # One batch of r x r systems for all layers of this shape: for SDXL's 140 layers a
             # few solves instead of 280 small ones, the same numbers as one layer at a time.
             U = torch.stack([layer.U for layer in group])
@@ -302,40 +312,57 @@ def denoise(unet, z_t, t, cond):
     return unet(z_t, t, encoder_hidden_states=hidden, added_cond_kwargs=extra or None).sample
 
 
+def draw_batch(sets, batch_size, generator, device):
+    """batch_size images of each set, drawn with replacement: their latents z0, a fresh sample
+    of each image's posterior, and the conditioning, repeated per image; all sets concatenated."""
+    z0, cond = [], {}
+    # Every random draw comes from the stage's generator, in a fixed order: a run is
+    # reproducible, and a resumed run continues the same stream where it stopped.
+    for s in sets:
+        i = torch.randint(len(s["mean"]), (batch_size,), generator=generator)
+        eps = torch.randn(s["mean"][i].shape, generator=generator).to(device)
+        z0.append(s["mean"][i] + s["std"][i] * eps)  # z0 ~ q(z | image)
+        for k, v in s["cond"].items():  # one prompt per set: its conditioning repeated per image
+            cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
+    return torch.cat(z0), {k: torch.cat(v) for k, v in cond.items()}
+
+
 def denoising_loss(unet, noise_scheduler, batch_size, sets, generator):
     """The loss L of each set (a tensor, one value per set), on batch_size images of each, drawn
-    with replacement. A set is a dict (made once, before training, by encode_set in section 8):
+    with replacement. A set is a dict (made once, before training, by encode_set in section 9):
     "mean", "std": the latent posterior of each of its images (N x 4 x h x w); "cond": its
     prompt's conditioning for the UNet. All sets go through one forward: the UNet treats every
     image of a batch on its own (no batch statistics), so each set's loss is what a forward of its
     own would give, up to rounding. Fresh noise and timesteps for every set (the official scripts
     reused the main batch's for the auxiliary one, a coupling the paper does not ask for)."""
     dev = unet.device
-    z0, cond = [], {}
-    # Every random draw comes from the stage's generator, in a fixed order: a run is
-    # reproducible, and a resumed run continues the same stream where it stopped.
-    for s in sets:
-        i = torch.randint(len(s["mean"]), (batch_size,), generator=generator)
-        eps = torch.randn(s["mean"][i].shape, generator=generator).to(dev)
-        z0.append(s["mean"][i] + s["std"][i] * eps)  # z0 ~ q(z | image): a fresh posterior sample
-        for k, v in s["cond"].items():  # one prompt per set: its conditioning repeated per image
-            cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
-    z0 = torch.cat(z0)
-    cond = {k: torch.cat(v) for k, v in cond.items()}
+    z0, cond = draw_batch(sets, batch_size, generator, dev)
     noise = torch.randn(z0.shape, generator=generator).to(dev)
     T = noise_scheduler.config.num_train_timesteps
     t = torch.randint(T, (len(z0),), generator=generator).to(dev)
     z_t = noise_scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
-    else:  # v-prediction (SD 2.x; load_pipeline refuses other types): v = sqrt(abar_t) eps
-        # - sqrt(1 - abar_t) z0
+    else:  # v-prediction (SD 2.x): v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0
         target = noise_scheduler.get_velocity(z0, noise, t)
     pred = denoise(unet, z_t.to(unet.dtype), t, cond)
     # Plain MSE, averaged over each image's latent, then over each set's images: no SNR
     # weighting and no prior preservation, as in the official scripts.
     per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
     return per_image.view(len(sets), -1).mean(1)
+
+
+def leave_unreached(optimizer):
+    """A PLP half whose gradient is exactly zero is one the loss does not reach (SD3's last
+    add_q_proj: that block's text output is discarded). Its gradient set to None, AdamW leaves it
+    as it is, instead of shrinking it by its weight decay. A reached half's gradient is not
+    exactly zero in practice. With G = dL/d(dW): B's gradient is G's bottom rows times V^T, zero
+    only if those rows are orthogonal to every row of V; D's is U^T times G's right columns, zero
+    only if those are orthogonal to every column of U."""
+    for half in optimizer.param_groups:
+        for p in half["params"]:
+            if p.grad is not None and not p.grad.any():
+                p.grad = None
 
 
 def clip_and_step(optimizer, scaler, max_grad_norm):
@@ -357,7 +384,7 @@ def break_step(loss, target, aux, own, other, optimizer, *, generator, scaler,
                grad_accum=1, max_grad_norm=1.0):
     """One optimizer step of a break stage. loss(sets, generator): one loss per set. own, other:
     the parameters of the stage's own half and of the other half. aux: the auxiliary sets, or
-    None (--no-mcp, and the plain LoRA baseline). Returns [L_target, L_aux] averaged over the
+    None (--no-mcp). Returns [L_target, L_aux] averaged over the
     grad_accum micro-steps ([L_target] alone without auxiliary sets)."""
     L_target, L_aux = 0.0, 0.0
     for _ in range(grad_accum):
@@ -373,13 +400,14 @@ def break_step(loss, target, aux, own, other, optimizer, *, generator, scaler,
             L = loss(aux, generator).mean()  # mean_k L_aux_k
             scaler.scale(L / grad_accum).backward(inputs=other)
             L_aux += L.item() / grad_accum
+    leave_unreached(optimizer)
     clip_and_step(optimizer, scaler, max_grad_norm)
     return [L_target, L_aux] if aux else [L_target]
 
 
 def plain_loop(steps, step, **state):
     """Runs a stage's steps: [[1, losses of step 1...], [2, ...], ...]. state (optimizer, scaler,
-    generator) is what a checkpoint would hold: the command line's loop (section 10) uses it to
+    generator) is what a checkpoint would hold: the command line's loop (section 11) uses it to
     save and resume, and adds a progress bar."""
     return [[i, *step()] for i in range(1, steps + 1)]
 
@@ -392,14 +420,16 @@ def loss_scaler(module):
 
 
 def break_stage(stage, unet, loss, content, style, aux=None, *, rank, seed, steps, lr, aux_lr,
-                grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior, loop=plain_loop):
+                grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior, loop=plain_loop,
+                prefix="unet"):
     """The content stage ("content") or the style stage ("style") of break.
     content, style: the two target sets. aux: the auxiliary sets, of the other kind (styles for
     the content stage); None: the other target set is the one auxiliary set. That is b4m's
     default, not an official mode (the official scripts require three auxiliary folders).
     lr: the stage's own half (official 1e-4); aux_lr: the other half (official 1e-5).
     loss(sets, generator): one loss per set, for diffusers models
-    functools.partial(denoising_loss, unet, noise_scheduler, batch_size).
+    functools.partial(denoising_loss, unet, noise_scheduler, batch_size). prefix: the state dict's
+    key prefix, "unet", or "transformer" for SD3 and FLUX (section 7).
     Returns (the stage's adapter as a diffusers LoRA state dict, the loss log)."""
     target, other_target = (content, style) if stage == "content" else (style, content)
     aux = aux or [other_target]  # MCP with one partner: the set the stage's half must work with
@@ -422,7 +452,7 @@ def break_stage(stage, unet, loss, content, style, aux=None, *, rank, seed, step
         log = loop(steps, step, optimizer=optimizer, scaler=scaler, generator=generator)
     finally:
         remove_plp(unet)
-    return lora_state_dict(layers), log
+    return lora_state_dict(layers, prefix), log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +497,7 @@ def make_step(loss, content, style, optimizer, *, generator, scaler, grad_accum=
         L = loss([content, style], generator).sum()  # L_content + L_style, in one forward
         scaler.scale(L / grad_accum).backward(inputs=trained)
         L_total += L.item() / grad_accum
+    leave_unreached(optimizer)
     # B and D each clipped once, after both losses; with RiemannianAdamW the clipped gradients are
     # then preconditioned, so the step itself is not bounded by max_grad_norm.
     clip_and_step(optimizer, scaler, max_grad_norm)
@@ -474,7 +505,7 @@ def make_step(loss, content, style, optimizer, *, generator, scaler, grad_accum=
 
 
 def make_stage(unet, loss, content, style, content_sd, style_sd, *, rank, seed, steps, lr,
-               grad_accum=1, max_grad_norm=1.0, precondition=True, loop=plain_loop):
+               grad_accum=1, max_grad_norm=1.0, precondition=True, loop=plain_loop, prefix="unet"):
     """The made adapter: the stages' halves reassembled, then B and D fine-tuned together.
     lr: official 1e-4. precondition=False (--no-precondition): plain AdamW.
     Returns (the made adapter as a diffusers LoRA state dict, the loss log)."""
@@ -482,7 +513,7 @@ def make_stage(unet, loss, content, style, content_sd, style_sd, *, rank, seed, 
     # break stages adapted, and their B and D as parameters.
     layers = add_plp(unet, rank, seed)
     # Every block of the fresh draw replaced: U = [A; B_style], V = [C, D_content].
-    load_plp_state(layers, reassemble(content_sd, style_sd))
+    load_plp_state(layers, reassemble(content_sd, style_sd), prefix)
     if precondition:
         optimizer = RiemannianAdamW(layers.values(), lr=lr)
     else:  # two parameter groups all the same, so that each half is clipped on its own
@@ -498,7 +529,7 @@ def make_stage(unet, loss, content, style, content_sd, style_sd, *, rank, seed, 
         log = loop(steps, step, optimizer=optimizer, scaler=scaler, generator=generator)
     finally:
         remove_plp(unet)
-    return lora_state_dict(layers), log
+    return lora_state_dict(layers, prefix), log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,12 +542,21 @@ def make_stage(unet, loss, content, style, content_sd, style_sd, *, rank, seed, 
 def lora_loaded(pipe, sd):
     """A LoRA state dict loaded with diffusers' own loader, unfused: unfusing subtracts U V
     again, which is not exact in floating point, and later samples must see the base weights."""
+    denoiser, prefix = denoiser_of(pipe)
     # dict(sd): a copy, the loader pops keys
-    pipe.unet.load_lora_adapter(dict(sd), prefix="unet", adapter_name="b4m")
+    denoiser.load_lora_adapter(dict(sd), prefix=prefix, adapter_name="b4m")
     try:
         yield
     finally:
-        pipe.unet.unload_lora()
+        denoiser.unload_lora()
+
+
+def denoiser_of(pipe):
+    """(the pipeline's denoiser, its LoRA key prefix): the UNet of SD/SDXL, the transformer of
+    SD3 and FLUX."""
+    if getattr(pipe, "unet", None) is not None:
+        return pipe.unet, "unet"
+    return pipe.transformer, "transformer"
 
 
 def generate(pipe, sd, prompt, *, num_samples, steps, resolution, seed):
@@ -524,20 +564,80 @@ def generate(pipe, sd, prompt, *, num_samples, steps, resolution, seed):
     guidance, as the official inference script (SDXL's default guidance is 5.0)."""
     # The content and style stages' own adapters sample the same way: "individual generation".
     with lora_loaded(pipe, sd):
-        generator = torch.Generator(pipe.unet.device).manual_seed(seed)
+        generator = torch.Generator(pipe.device).manual_seed(seed)
         return pipe(prompt, num_images_per_prompt=num_samples, num_inference_steps=steps,
                     height=resolution, width=resolution, generator=generator).images
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Beyond the method: the naive baseline, the drift report, the sample grid
+# 7. Flow-matching transformers (SD3 / SD3.5, FLUX.1): the loss that changes
+#       x_t = (1 - sigma) x0 + sigma eps,    L = || v_theta(x_t, t, c) - (eps - x0) ||^2
+#       (sections 1-3 and 5 are unchanged: the PLP split is defined on any nn.Linear)
+# ---------------------------------------------------------------------------------------------
+# As diffusers' DreamBooth LoRA scripts for SD3 and FLUX train: sigma is read from a fresh copy
+# of the model's FlowMatchEulerDiscreteScheduler at a timestep drawn from a density, logit-normal
+# (mean 0, std 1) for SD3 as its script's default, uniform for FLUX as its script's default
+# ("none"). Dropped, for one plain loss across families: the SD3 script's output
+# preconditioning (on by default; it weights this loss by sigma^2) and the optional weighting
+# schemes. The PLPs sit in the transformer's attention projections, image and text streams.
+
+
+def flow_velocity(transformer, x_t, t, cond, flux=False, guidance=None):
+    """v_theta(x_t, t, c) in latent layout (N x C x h x w). FLUX takes its latents packed in
+    2 x 2 patches, position ids for the text and image tokens, the timestep divided by 1000 (its
+    transformer multiplies it by 1000 again), and, if guidance-distilled (FLUX.1 dev), a guidance
+    value. Its output is unpacked back to N x C x h x w."""
+    text = dict(encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"])
+    if not flux:  # SD3 / SD3.5
+        return transformer(hidden_states=x_t, timestep=t, **text).sample
+    from diffusers import FluxPipeline
+
+    n, c, h, w = x_t.shape
+    packed = FluxPipeline._pack_latents(x_t, n, c, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype)
+    text_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3).to(x_t.device, x_t.dtype)
+    if transformer.config.guidance_embeds:
+        g = torch.full((n,), guidance, device=x_t.device, dtype=x_t.dtype)
+    else:  # FLUX.1 schnell: no guidance input
+        g = None
+    v = transformer(hidden_states=packed, timestep=t / 1000, guidance=g, txt_ids=text_ids,
+                    img_ids=image_ids, **text).sample
+    return FluxPipeline._unpack_latents(v, h, w, 1)  # sizes given in latents, not pixels: scale 1
+
+
+def flow_matching_loss(transformer, noise_scheduler, batch_size, sets, generator, *,
+                       density="logit_normal", flux=False, guidance=None):
+    """The loss L of each set for a flow-matching transformer, like denoising_loss (section 4):
+    batch_size images of each set, one forward over all sets, fresh noise and timesteps."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    dev = transformer.device
+    x0, cond = draw_batch(sets, batch_size, generator, dev)  # latents (z - shift) * scale
+    noise = torch.randn(x0.shape, generator=generator).to(dev)
+    # u in (0, 1) from the density; t and sigma at index u T of the training schedule, which
+    # runs from t = T, sigma = 1 (pure noise) down (both densities are symmetric about 1/2)
+    u = compute_density_for_timestep_sampling(density, len(x0), logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    index = (u * noise_scheduler.config.num_train_timesteps).long()
+    t = noise_scheduler.timesteps[index].to(dev)
+    sigma = noise_scheduler.sigmas[index].to(dev).view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * noise  # a straight line from the image (0) to noise (1)
+    target = noise - x0  # its velocity
+    pred = flow_velocity(transformer, x_t.to(transformer.dtype), t, cond, flux, guidance)
+    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+    return per_image.view(len(sets), -1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Beyond the method: the naive baseline, the drift report, the sample grid
 # ---------------------------------------------------------------------------------------------
 
 
 def lora_stage(stage, unet, loss, data, *, rank, seed, steps, lr, grad_accum=1, max_grad_norm=1.0,
-               loop=plain_loop):
+               loop=plain_loop, prefix="unet"):
     """Baseline (--baseline lora-merge): an ordinary peft LoRA, as the diffusers scripts train
-    one. Its step is a break step with no auxiliary sets and one half: every parameter."""
+    one: plain AdamW on its loss, every parameter one half, every parameter stepped."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -552,14 +652,23 @@ def lora_stage(stage, unet, loss, data, *, rank, seed, steps, lr, grad_accum=1, 
             p.data = torch.zeros(p.shape).to(p.device)
     params = [p for _, p in named]
     optimizer, scaler = torch.optim.AdamW(params, lr=lr), loss_scaler(unet)
-    step = functools.partial(break_step, loss, data, None, params, [], optimizer,
-                             generator=generator, scaler=scaler, grad_accum=grad_accum,
-                             max_grad_norm=max_grad_norm)
+
+    def step():
+        L_total = 0.0
+        for _ in range(grad_accum):
+            L = loss([data], generator).mean()
+            scaler.scale(L / grad_accum).backward(inputs=params)
+            L_total += L.item() / grad_accum
+        # No leave_unreached here: lora_A's gradient is exactly 0 at step 1 (lora_B = 0), and
+        # AdamW steps it all the same, as in the diffusers scripts.
+        clip_and_step(optimizer, scaler, max_grad_norm)
+        return [L_total]
+
     try:
         log = loop(steps, step, optimizer=optimizer, scaler=scaler, generator=generator)
         sd = {}
         for k, v in get_peft_model_state_dict(unet, adapter_name=stage).items():
-            sd[f"unet.{k}"] = v.detach().float().cpu().contiguous()
+            sd[f"{prefix}.{k}"] = v.detach().float().cpu().contiguous()
     finally:
         unet.unload_lora()
     return sd, log
@@ -580,27 +689,31 @@ SCALES = (0.0, 0.5, 1.0, 1.5)
 
 
 @torch.no_grad()
-def drift_report(pipe, adapters, own_prompts, resolution, seed):
-    """drift: mean squared change of the noise prediction on unrelated prompts (how much the
+def drift_report(pipe, adapters, own_prompts, resolution, seed, guidance=None):
+    """drift: mean squared change of the denoiser's prediction on unrelated prompts (how much the
     adapter disturbs the base model); effect: the same on the adapter's own prompt. Same latents,
     noise and timesteps for the adapted and the base model."""
-    unet, k, g = pipe.unet, len(DRIFT_PROMPTS), torch.Generator().manual_seed(seed)
+    denoiser, _ = denoiser_of(pipe)
+    k, g = len(DRIFT_PROMPTS), torch.Generator().manual_seed(seed)
     size = resolution // pipe.vae_scale_factor
-    z = torch.randn(k, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype)
+    channels = pipe.vae.config.latent_channels
+    z = torch.randn(k, channels, size, size, generator=g).to(denoiser.device, denoiser.dtype)
     # Timesteps in the middle: near t = 0 or T the prompt hardly matters.
-    t = torch.randint(100, 900, (k,), generator=g).to(unet.device)
+    t = torch.randint(100, 900, (k,), generator=g).to(denoiser.device)
 
-    def eps(cond):
-        return denoise(unet, z, t, cond).float()
+    def predict(cond):
+        if denoiser is getattr(pipe, "unet", None):
+            return denoise(denoiser, z, t, cond).float()
+        return flow_velocity(denoiser, z, t, cond, is_flux(pipe), guidance).float()
 
-    drift_cond = encode_prompts(pipe, DRIFT_PROMPTS, resolution)  # adapters change the UNet only
-    base, report = eps(drift_cond), {"drift": {}, "effect": {}}
+    drift_cond = encode_prompts(pipe, DRIFT_PROMPTS, resolution)  # adapters change the denoiser
+    base, report = predict(drift_cond), {"drift": {}, "effect": {}}
     for name, sd in adapters.items():
         own_cond = encode_prompts(pipe, [own_prompts[name]] * k, resolution)
-        base_own = eps(own_cond)
+        base_own = predict(own_cond)
         with lora_loaded(pipe, sd):
-            report["drift"][name] = F.mse_loss(eps(drift_cond), base).item()
-            report["effect"][name] = F.mse_loss(eps(own_cond), base_own).item()
+            report["drift"][name] = F.mse_loss(predict(drift_cond), base).item()
+            report["effect"][name] = F.mse_loss(predict(own_cond), base_own).item()
     return report
 
 
@@ -616,22 +729,40 @@ def image_grid(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Models: any diffusers SD 1.x/2.x/SDXL pipeline, or a tiny random one built here (offline);
-#    the sets of section 4 (latent posteriors and prompt conditioning, computed once)
+# 9. Models: any diffusers SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline, or a tiny random one
+#    built here (offline); the sets of section 4 (latent posteriors, prompt conditioning, once)
 # ---------------------------------------------------------------------------------------------
 
-PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl"}
+PRESETS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+# The text-to-image pipelines b4m trains, and where each keeps its denoiser.
+PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
+             "StableDiffusion3Pipeline": "transformer", "FluxPipeline": "transformer"}
+SUPPORTED = "an SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 text-to-image pipeline"
 
 
 class UsageError(Exception):
     """Bad input or a run that cannot go on: main() prints it as one line and exits with code 2."""
 
 
+def is_flux(pipe):
+    from diffusers import FluxPipeline
+
+    return isinstance(pipe, FluxPipeline)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, resolution):
     """Denoiser conditioning for a list of prompts, batched: {'encoder_hidden_states': ..., and for
-    SDXL the pooled 'text_embeds' and the 'time_ids' (size, crop (0, 0), target size)}."""
-    dev = pipe.unet.device
+    SDXL the pooled 'text_embeds' and the 'time_ids' (size, crop (0, 0), target size); for SD3
+    and FLUX the pooled text as 'pooled_projections'}."""
+    dev = pipe.device
+    if getattr(pipe, "transformer", None) is not None:  # SD3 (CLIP x 2 + T5), FLUX (CLIP + T5)
+        if is_flux(pipe):
+            emb, pooled, _ = pipe.encode_prompt(prompts, None, device=dev)  # text ids: all zero
+        else:
+            emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev,
+                                                   do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
     if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x/2.x: one text encoder
         return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
     emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
@@ -644,20 +775,25 @@ def encode_prompts(pipe, prompts, resolution):
 @torch.no_grad()
 def encode_set(pipe, pixels, prompt):
     """A set for the stages: the latent posterior (mean, std) of every image (N x 3 x H x W in
-    [-1, 1]) and the prompt's conditioning, computed once, outside the training loop."""
+    [-1, 1]) and the prompt's conditioning, computed once, outside the training loop. Latents
+    are (z - shift) * scale with the VAE's own factors (SD3 and FLUX shift, SD does not)."""
     vae, dtype = pipe.vae, pipe.vae.dtype
     vae.float()  # encode in fp32: SD/SDXL VAEs overflow in fp16 (float(), type(): no .to() warning)
     dists = [vae.encode(x.to(vae.device)).latent_dist for x in pixels.split(4)]
     vae.type(dtype)
-    sf = vae.config.scaling_factor  # (mean + std eps) sf = mean sf + (std sf) eps
-    mean = torch.cat([d.mean for d in dists]) * sf
+    sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
+    mean = torch.cat([d.mean for d in dists])
+    if shift:  # (mean + std eps - shift) sf = (mean - shift) sf + (std sf) eps
+        mean = mean - shift
+    mean = mean * sf
     std = torch.cat([d.std for d in dists]) * sf
     return {"mean": mean, "std": std, "cond": encode_prompts(pipe, [prompt], pixels.shape[-1])}
 
 
 def tiny_pipeline(kind):
-    """A small random SD or SDXL pipeline with a byte-level CLIP tokenizer: its images are noise,
-    it exists so the whole method runs offline in seconds."""
+    """A small random SD, SDXL, SD3 or FLUX pipeline with a byte-level CLIP tokenizer (in every
+    tokenizer slot, T5's too): its images are noise, it exists so the whole method runs offline
+    in seconds."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from tokenizers.pre_tokenizers import ByteLevel
@@ -673,6 +809,8 @@ def tiny_pipeline(kind):
                           num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
+    if kind in ("sd3", "flux"):
+        return tiny_flow_pipeline(kind, tokenizer, text)
     sdxl = kind == "sdxl"
     xl = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=80, use_linear_projection=True)
@@ -696,48 +834,135 @@ def tiny_pipeline(kind):
                                    requires_safety_checker=False)
 
 
+def tiny_flow_pipeline(kind, tokenizer, text):
+    """tiny_pipeline's SD3 (2 joint blocks, the last context_pre_only as in SD3) and FLUX (one
+    joint and one single block, guidance-distilled like FLUX.1 dev); 64 px, 8 x 8 latents (a VAE
+    of scale 8, as the real ones)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    flux = kind == "flux"
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), norm_num_groups=8, latent_channels=4,
+                        sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    # (the tiny VAE's shift and scale are those of diffusers' own tests: any nonzero values do)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8,
+                                 num_layers=2, num_heads=4))
+    if flux:
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, shift=3.0)
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(text),
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                            transformer=transformer)
+        pipe.default_sample_size = 8  # 8 latents x 8 = 64 px (FLUX.1's own: 128 x 8 = 1024)
+        return pipe
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=4)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(text), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=tokenizer)
+
+
 def check_model(model, rank):
     """Fail fast, before any weights load: a preset, a local pipeline folder, or a cached or
-    fetchable hub id, whose attention layers allow the rank (checked on a weightless 'meta' copy
-    of the UNet)."""
+    fetchable hub id, of a pipeline b4m trains, whose attention layers allow the rank (checked
+    on a weightless 'meta' copy of the denoiser, built from its config)."""
     if model in PRESETS:
         return  # the tiny model loads in a second; its rank is checked right after
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"--model {model}: this folder holds no diffusers pipeline (no "
                          f"model_index.json); pass a folder written by save_pretrained, a hub id, "
-                         f"or tiny / tiny-sdxl")
+                         f"or a preset ({', '.join(PRESETS)})")
     import huggingface_hub as hub
-    from diffusers import UNet2DConditionModel
+    from diffusers import (DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           UNet2DConditionModel)
 
     if not path.exists():
         try:
             hub.utils.validate_repo_id(model)
         except Exception:
+            presets = ", ".join(PRESETS)
             raise UsageError(f"--model {model}: no such folder and not a hub id (owner/name); "
-                             f"pass a pipeline folder, a hub id, or tiny / tiny-sdxl")
+                             f"pass a pipeline folder, a hub id, or a preset ({presets})")
         cached = isinstance(hub.try_to_load_from_cache(model, "model_index.json"), str)
         if not cached and hub.constants.HF_HUB_OFFLINE:
             raise UsageError(f"--model {model}: not in the local Hugging Face cache and "
                              f"HF_HUB_OFFLINE is set; run `huggingface-cli download {model}` with "
                              f"network access, or pass a local folder")
+    where = "its folder" if path.exists() else "the hub (check the id and the network)"
     try:
-        config = UNet2DConditionModel.load_config(model, subfolder="unet")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
+        kind = DiffusionPipeline.load_config(model)["_class_name"]
     except Exception as e:
-        where = "in unet/" if path.exists() else "from the hub (check the id and the network)"
-        raise UsageError(f"--model {model}: could not read a UNet2DConditionModel config {where} "
-                         f"({type(e).__name__}); b4m needs an SD 1.x/2.x or SDXL pipeline")
-    check_rank(rank, unet)
+        raise UsageError(f"--model {model}: could not read model_index.json from {where} "
+                         f"({type(e).__name__}); b4m needs {SUPPORTED}")
+    if kind not in PIPELINES:  # not img2img, inpainting, ...: their call takes other inputs
+        raise UsageError(f"--model {model}: a {kind}; b4m needs {SUPPORTED}")
+    classes = {"unet": UNet2DConditionModel, "StableDiffusion3Pipeline": SD3Transformer2DModel,
+               "FluxPipeline": FluxTransformer2DModel}
+    subfolder = PIPELINES[kind]
+    denoiser_class = classes["unet" if subfolder == "unet" else kind]
+    try:
+        config = denoiser_class.load_config(model, subfolder=subfolder)
+        with torch.device("meta"):
+            denoiser = denoiser_class.from_config(config)
+    except Exception as e:
+        raise UsageError(f"--model {model}: could not read a {denoiser_class.__name__} config in "
+                         f"{subfolder}/ of {where} ({type(e).__name__}); b4m needs {SUPPORTED}")
+    check_rank(rank, denoiser)
 
 
-def check_rank(rank, unet):
-    targets = [m for n, m in unet.named_modules() if is_target(n, m)]
+def check_rank(rank, denoiser):
+    targets = [m for n, m in denoiser.named_modules() if is_target(n, m)]
     limit = min(m.out_features // 2 + m.in_features // 2 for m in targets)
     if rank > limit:  # m_f + n_f >= r in every adapted layer (section 2)
         raise UsageError(f"--rank {rank}: this model's smallest attention projection allows "
                          f"at most {limit}")
+
+
+def check_resolution(pipe, resolution, flag):
+    """SD3 patches its latents 2 x 2, FLUX packs them 2 x 2: sizes a multiple of twice the VAE's
+    scale (16 for the real models)."""
+    step = 2 * pipe.vae_scale_factor
+    if getattr(pipe, "transformer", None) is not None and resolution % step:
+        raise UsageError(f"{flag} {resolution}: this model needs a multiple of {step}")
+
+
+def native_resolution(pipe):
+    """The pipeline's own image size: the UNet's sample size (SD, SDXL) or the pipeline's default
+    sample size (SD3, FLUX), in latents, times the VAE's scale (1024 for SDXL and FLUX.1)."""
+    if getattr(pipe, "unet", None) is not None:
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe.default_sample_size * pipe.vae_scale_factor
+
+
+def training_loss(pipe, batch_size, guidance):
+    """loss(sets, generator) for the stages: denoising_loss with a DDPM copy of the pipeline's
+    scheduler (SD, SDXL: the training-time forward process), or flow_matching_loss with a fresh
+    copy of its FlowMatchEulerDiscreteScheduler (SD3, FLUX; guidance: FLUX's guidance input)."""
+    denoiser, prefix = denoiser_of(pipe)
+    if prefix == "unet":
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return functools.partial(denoising_loss, denoiser, noise_scheduler, batch_size)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    flux = is_flux(pipe)
+    density = "uniform" if flux else "logit_normal"
+    return functools.partial(flow_matching_loss, denoiser, noise_scheduler, batch_size,
+                             density=density, flux=flux, guidance=guidance if flux else None)
 
 
 def load_pipeline(model, device, dtype):
@@ -746,7 +971,7 @@ def load_pipeline(model, device, dtype):
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import DiffusionPipeline
 
         try:
             pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
@@ -755,10 +980,8 @@ def load_pipeline(model, device, dtype):
             raise UsageError(f"--model {model}: could not load a diffusers pipeline "
                              f"({type(e).__name__}: {first}); check the id/folder and network "
                              f"access")
-        # not img2img, inpainting, ...: their call takes other inputs
-        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise UsageError(f"--model {model}: a {type(pipe).__name__}; b4m needs an SD 1.x/2.x "
-                             f"or SDXL text-to-image pipeline")
+        if type(pipe).__name__ not in PIPELINES:  # check_model has refused these already
+            raise UsageError(f"--model {model}: a {type(pipe).__name__}; b4m needs {SUPPORTED}")
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise UsageError(f"--model {model}: prediction_type {prediction}; "
@@ -772,7 +995,7 @@ def load_pipeline(model, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Files: image folders in; every write all or nothing (temporary file in the same folder,
+# 10. Files: image folders in; every write all or nothing (temporary file in the same folder,
 #    fsync, os.replace), with the umask's permissions; adapters in safetensors (no pickle), in
 #    diffusers' key layout and, beside it, in the kohya layout that ComfyUI and AUTOMATIC1111 read.
 # ---------------------------------------------------------------------------------------------
@@ -874,21 +1097,25 @@ def write_file(path, write):
 
 
 def save_lora(folder, sd, metadata):
-    """folder/<name>_kohya.safetensors (kohya keys: lora_unet_<module>.lora_down/lora_up/alpha,
-    alpha = rank so the scale stays 1), then folder/pytorch_lora_weights.safetensors (diffusers
-    keys), whose presence marks a finished stage. One metadata key: safetensors writes several
-    keys in a random order, and the same run must give byte-identical files."""
+    """folder/<name>_kohya.safetensors (UNets only; kohya keys: lora_unet_<module>.lora_down,
+    lora_up, alpha = rank so the scale stays 1), then folder/pytorch_lora_weights.safetensors
+    (diffusers keys), whose presence marks a finished stage. One metadata key: safetensors writes
+    several keys in a random order, and the same run must give byte-identical files."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save as safetensors_bytes
 
     meta = {"b4m": json.dumps(metadata, sort_keys=True)}
-    kohya = convert_state_dict_to_kohya(sd)
-    for name, tensors in ((KOHYA.format(metadata["stage"]), kohya), (WEIGHTS, sd)):
+    files = [(WEIGHTS, sd)]
+    # kohya keys for UNets only: diffusers' converter has no mapping for transformer keys, and
+    # ComfyUI reads the diffusers keys of SD3 and FLUX transformers as they are.
+    if all(key.startswith("unet.") for key in sd):
+        files.insert(0, (KOHYA.format(metadata["stage"]), convert_state_dict_to_kohya(sd)))
+    for name, tensors in files:
         data = safetensors_bytes(tensors, metadata=meta)
         write_file(Path(folder) / name, lambda f: f.write(data))
 
 
-def load_lora(path, unet, expect):
+def load_lora(path, denoiser, prefix, expect):
     """Read an adapter and check it against the model and the run: keys, shapes, metadata."""
     from safetensors import safe_open
 
@@ -903,13 +1130,13 @@ def load_lora(path, unet, expect):
         if key != "version" and meta.get(key) != value:
             raise UsageError(f"{path}: made with {key}={meta.get(key)}, this run has "
                              f"{key}={value}; use the matching model/settings or another --out")
-    layers = {n: m for n, m in unet.named_modules() if is_target(n, m)}
-    keys = {f"unet.{n}.lora_{x}.weight" for n in layers for x in "AB"}
+    layers = {n: m for n, m in denoiser.named_modules() if is_target(n, m)}
+    keys = {f"{prefix}.{n}.lora_{x}.weight" for n in layers for x in "AB"}
     for key in sorted(keys ^ set(sd)):
         raise UsageError(f"{path}: {'has no' if key in keys else 'has an unknown'} key {key}; "
                          f"the adapter was made for another model")
     for name, layer in layers.items():
-        V, U = sd[f"unet.{name}.lora_A.weight"], sd[f"unet.{name}.lora_B.weight"]
+        V, U = sd[f"{prefix}.{name}.lora_A.weight"], sd[f"{prefix}.{name}.lora_B.weight"]
         m, n = layer.out_features, layer.in_features
         if V.ndim != 2 or U.ndim != 2 or V.shape[1] != n or U.shape != (m, V.shape[0]):
             raise UsageError(f"{path}: {name} has U {tuple(U.shape)}, V {tuple(V.shape)}, this "
@@ -943,7 +1170,7 @@ def save_csv(path, rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Command line: flags, checks, --resume and checkpoints around sections 1-7
+# 11. Command line: flags, checks, --resume and checkpoints around sections 1-8
 # ---------------------------------------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -952,7 +1179,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = dict(model="stabilityai/stable-diffusion-xl-base-1.0", out="runs/b4m", rank=64,
                 resolution=512, steps=1000, make_steps=1000, batch_size=1, grad_accum=4, lr=1e-4,
                 aux_lr=1e-5, make_lr=1e-4, max_grad_norm=1.0, seed=0, checkpoint_every=100,
-                sample_steps=25, num_samples=4)
+                sample_steps=25, num_samples=4, guidance=3.5)
 TINY = dict(rank=4, resolution=64, steps=20, make_steps=10, sample_steps=4, num_samples=2)
 # The three stages, in order. The make stage's files carry the name users know them by, "b4m":
 # the folder b4m/, b4m_kohya.safetensors, samples/b4m_N.png, its rows of losses.csv.
@@ -964,7 +1191,7 @@ PROMPTS = {"content": "a photo of snq object", "style": "an image in w@z style",
 # the earlier ones).
 RUN = ("model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum",
        "max_grad_norm", "content", "style", "content_prompt", "style_prompt", "aux_style",
-       "aux_content", "no_orth_prior", "no_mcp", "dtype")
+       "aux_content", "no_orth_prior", "no_mcp", "dtype", "guidance")
 STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "lr", "aux_lr"),
           "make": ("steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition")}
 
@@ -1030,8 +1257,8 @@ def parse_args(argv):
                        help="auxiliary style sets (MCP), each with prompt.txt")
         p.add_argument("--aux-content", nargs="+", default=[], metavar="DIR",
                        help="auxiliary content sets, each with prompt.txt")
-        p.add("--model", "hub id or local folder of an SD 1.x/2.x/SDXL pipeline, or tiny / "
-                         "tiny-sdxl (offline, random)")
+        p.add("--model", "hub id or local folder of an SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 "
+                         "pipeline, or tiny / tiny-sdxl / tiny-sd3 / tiny-flux (offline, random)")
         p.add("--out")
         p.add("--rank", "LoRA rank r", type=POSITIVE_INT)
         p.add("--resolution", "training size", type=RESOLUTION)
@@ -1045,6 +1272,8 @@ def parse_args(argv):
         p.add("--max-grad-norm", "clip each trained half's gradient norm; 0 = off",
               type=NON_NEGATIVE)
         p.add("--seed", type=int)
+        p.add("--guidance", "FLUX.1 dev (guidance-distilled): the guidance input in training, "
+                            "as diffusers' FLUX script", type=POSITIVE)
         p.add("--checkpoint-every", "optimizer steps between checkpoints; 0 = only on "
                                     "Ctrl-C/SIGTERM", type=STEPS)
         p.add_argument("--gradient-checkpointing", action="store_true",
@@ -1066,8 +1295,7 @@ def parse_args(argv):
     p.add("--num-samples", "images per prompt", type=POSITIVE_INT)
     p.add("--sample-steps", "sampling steps", type=POSITIVE_INT)
     p.add_argument("--sample-resolution", type=RESOLUTION,
-                   help="sampling size (default: the model's own, unet sample_size x VAE scale: "
-                        "1024 for SDXL)")
+                   help="sampling size (default: the model's own: 1024 for SDXL and FLUX.1)")
     p.add_argument("--content-scale", type=float, default=1.0,
                    help="s_c: V = [C, s_c D] at sampling")
     p.add_argument("--style-scale", type=float, default=1.0,
@@ -1254,9 +1482,9 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
     if state:
         print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
     loop = CheckpointedLoop(stage, path, settings, args.checkpoint_every, asked, state)
+    unet, prefix = denoiser_of(pipe)  # the UNet, or SD3's / FLUX's transformer
     kw = dict(rank=args.rank, seed=args.seed, grad_accum=args.grad_accum,
-              max_grad_norm=args.max_grad_norm, loop=loop)
-    unet = pipe.unet
+              max_grad_norm=args.max_grad_norm, loop=loop, prefix=prefix)
     try:
         if args.baseline == "lora-merge" and stage == "make":
             result = merge_loras(adapters["content"], adapters["style"]), []
@@ -1311,15 +1539,15 @@ def train_main(args):
     done = prepare_out(args)
 
     pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
-    check_rank(args.rank, pipe.unet)
+    denoiser, prefix = denoiser_of(pipe)
+    check_rank(args.rank, denoiser)
     if not args.sample_resolution:
-        args.sample_resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        args.sample_resolution = native_resolution(pipe)
+    check_resolution(pipe, args.resolution, "--resolution")
+    check_resolution(pipe, args.sample_resolution, "--sample-resolution")
     if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process
-    loss = functools.partial(denoising_loss, pipe.unet, noise_scheduler, args.batch_size)
+        denoiser.enable_gradient_checkpointing()
+    loss = training_loss(pipe, args.batch_size, args.guidance)
     data = {"content": encode_set(pipe, content_px, args.content_prompt),
             "style": encode_set(pipe, style_px, args.style_prompt),
             "aux_style": [encode_set(pipe, *px_prompt) for px_prompt in aux_style_px],
@@ -1341,7 +1569,7 @@ def train_main(args):
             folder = out / NAMES[stage]
             if stage in done:
                 expect = adapter_metadata(args, stage)
-                adapters[stage] = load_lora(folder / WEIGHTS, pipe.unet, expect)[0]
+                adapters[stage] = load_lora(folder / WEIGHTS, denoiser, prefix, expect)[0]
                 print(f"{stage}: kept {folder / WEIGHTS} (--resume)", file=sys.stderr)
                 continue
             (adapters[stage], stage_log), took = run_stage(stage, pipe, loss, data, adapters,
@@ -1397,7 +1625,7 @@ def finish(pipe, adapters, args, report=True):
     if not report:
         return
     # at the training resolution
-    result = drift_report(pipe, named, prompts, args.resolution, args.seed)
+    result = drift_report(pipe, named, prompts, args.resolution, args.seed, args.guidance)
     result["seconds"] = read_report(out).get("seconds", {})  # written stage by stage
     save_json(out / "report.json", result)
     print(f"{'adapter':8} {'drift':>12} {'effect':>12}", file=sys.stderr)
@@ -1428,11 +1656,12 @@ def sample_main(args):
                          f"overwrite; pick another folder")
     check_model(args.model, args.rank)
     pipe = load_pipeline(args.model, device, DTYPES[dtype])
+    check_resolution(pipe, args.sample_resolution, "--sample-resolution")
     run_args = argparse.Namespace(**config)
     adapters = {}
     for s in STAGES:
         expect = adapter_metadata(run_args, s)
-        adapters[s] = load_lora(run / NAMES[s] / WEIGHTS, pipe.unet, expect)[0]
+        adapters[s] = load_lora(run / NAMES[s] / WEIGHTS, *denoiser_of(pipe), expect)[0]
     if args.export:
         made = scale_made(adapters["make"], args.content_scale, args.style_scale)
         meta = {**adapter_metadata(args, "make"), "content_scale": args.content_scale,

@@ -854,7 +854,7 @@ def test_a_failed_write_names_the_path_and_leaves_nothing_half_written(tmp_path,
     assert err.strip().splitlines()[-1] == (f"b4m: error: {out / 'style' / 'style_kohya.safetensors'}: cannot write (No space left "
                                             f"on device); free some space or write elsewhere")
     assert sorted(p.name for p in (out / "content").iterdir()) == ["content_kohya.safetensors", b4m.WEIGHTS]
-    b4m.load_lora(out / "content" / b4m.WEIGHTS, tiny_unet(), {"stage": "content"})
+    b4m.load_lora(out / "content" / b4m.WEIGHTS, tiny_unet(), "unet", {"stage": "content"})
     assert [p.name for p in out.rglob("*") if ".tmp" in p.name] == [] and not (out / "style" / b4m.WEIGHTS).exists()
 
 
@@ -1021,7 +1021,7 @@ def test_sample_exports_the_scaled_adapter_and_renders_the_scale_grid(sd_run, tm
     code, err = run_b4m(["sample", "--run", run, "--content-scale", "0.5", "--style-scale", "1.5", "--export",
                          tmp_path / "export", "--scale-grid", "--num-samples", "1"], capsys)
     assert code == 0, err
-    exported, meta = b4m.load_lora(tmp_path / "export" / b4m.WEIGHTS, tiny_unet(), {"stage": "b4m"})
+    exported, meta = b4m.load_lora(tmp_path / "export" / b4m.WEIGHTS, tiny_unet(), "unet", {"stage": "b4m"})
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["b4m_kohya.safetensors", b4m.WEIGHTS]
     code, err = run_b4m(["sample", "--run", run, "--export", run / "b4m", "--content-scale", "0.5"], capsys)
     assert code == 2 and "a stage folder of the run, which it would overwrite" in err
@@ -1219,6 +1219,176 @@ def test_gradient_checkpointing_and_bf16(tmp_path, capsys):
     assert all(v.dtype == torch.float32 for sd in half for v in sd.values())  # adapters stay fp32
 
 
+# SD3 and FLUX: the flow-matching transformers, saved and loaded back as folders ---------------
+
+FLOW = ["--steps", "4", "--make-steps", "2", "--checkpoint-every", "2", "--grad-accum", "1", "--sample-steps", "2",
+        "--num-samples", "1", "--resolution", "64", "--rank", "4"]
+# Every attention projection of the tiny transformers: SD3's 2 joint blocks (the last one is
+# context_pre_only: no to_add_out), FLUX's joint block and its single block (to_q/k/v only).
+FLOW_LAYERS = {
+    "sd3": [f"transformer_blocks.{b}.attn.{m}" for b in (0, 1) for m in
+            ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")][:-1],
+    "flux": [f"transformer_blocks.0.attn.{m}" for m in
+             ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
+            + [f"single_transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")]}
+
+
+@pytest.fixture(scope="session", params=["sd3", "flux"])
+def flow_run(request, tmp_path_factory):
+    """(family, a tiny pipeline saved with save_pretrained, a finished run on it via --model FOLDER)."""
+    kind, tmp = request.param, tmp_path_factory.mktemp(request.param)
+    b4m.tiny_pipeline(kind).save_pretrained(tmp / "model")
+    out = tmp / "run"
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", tmp / "model",
+            "--out", out, *FLOW, "--sample-resolution", "64"]
+    assert b4m.main([str(a) for a in argv]) == 0
+    return kind, tmp / "model", out, argv
+
+
+def test_flow_models_adapt_every_attention_projection_in_the_transformer_layout(flow_run):
+    kind, model, out, _ = flow_run
+    for stage in ("content", "style", "b4m"):
+        assert sorted(p.name for p in (out / stage).iterdir()) == [b4m.WEIGHTS]  # no kohya file
+        sd = load(out / stage / b4m.WEIGHTS)
+        assert sorted(sd) == sorted(f"transformer.{m}.lora_{x}.weight" for m in FLOW_LAYERS[kind] for x in "AB")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    linears = [n for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(n for n in linears if b4m.is_target(n, pipe.transformer.get_submodule(n))) == sorted(FLOW_LAYERS[kind])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "b4m" / b4m.WEIGHTS), "pt") as f:
+        assert json.loads(f.metadata()["b4m"])["base_model"] == str(model)
+
+
+def test_flow_models_load_in_diffusers_and_fuse_to_W0_plus_U_V(flow_run):
+    kind, model, out, _ = flow_run
+    from diffusers import DiffusionPipeline
+
+    made = load(out / "b4m" / b4m.WEIGHTS)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    W0 = {n: pipe.transformer.get_submodule(n).weight.detach().clone() for n in FLOW_LAYERS[kind]}
+    pipe.load_lora_weights(str(out / "b4m"))  # the path any diffusers user takes
+    pipe.fuse_lora()
+    for n in FLOW_LAYERS[kind]:
+        U, V = made[f"transformer.{n}.lora_B.weight"], made[f"transformer.{n}.lora_A.weight"]
+        fused = pipe.transformer.get_submodule(n).base_layer.weight
+        assert torch.allclose(fused, W0[n] + U @ V, atol=1e-6, rtol=0), n
+
+
+def test_flow_models_make_starts_from_the_halves_and_a_layer_without_gradient_keeps_its_values(flow_run, capsys):
+    kind, model, out, argv = flow_run
+    content, style, made = (load(out / s / b4m.WEIGHTS) for s in ("content", "style", "b4m"))
+    init = b4m.lora_state_dict(b4m.add_plp(b4m.load_pipeline(str(model), "cpu", torch.float32).transformer, 4, 0),
+                               "transformer")
+    for k in (k for k in made if k.endswith("lora_B.weight")):
+        for sd in (content, style, made):
+            assert torch.equal(split(sd, k)[0], split(init, k)[0]) and torch.equal(split(sd, k)[2], split(init, k)[2])
+    if kind == "sd3":  # the last block is context_pre_only: its text queries do not reach the loss
+        k = "transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"
+        for sd in (content, style, made):
+            assert all(torch.equal(a, b) for a, b in zip(split(sd, k), split(init, k)))
+    code, err = run_b4m([*argv[:-2], "--sample-resolution", "64", "--out", out.parent / "instant", "--make-steps", "0"],
+                        capsys)
+    assert code == 0, err
+    c, s_, m = (load(out.parent / "instant" / s / b4m.WEIGHTS) for s in ("content", "style", "b4m"))
+    expected = b4m.reassemble(c, s_)
+    assert m.keys() == expected.keys() and all(torch.equal(m[k], expected[k]) for k in m)
+
+
+def test_flow_models_no_mcp_leaves_B_exactly_zero_in_the_content_stage(flow_run, capsys):
+    kind, model, out, argv = flow_run
+    code, err = run_b4m([*argv, "--out", out.parent / "no-mcp", "--no-mcp", "--make-steps", "0"], capsys)
+    assert code == 0, err
+    content = load(out.parent / "no-mcp" / "content" / b4m.WEIGHTS)
+    for k in (k for k in content if k.endswith("lora_B.weight")):
+        assert not split(content, k)[1].any()
+
+
+def test_flow_models_killed_mid_stage_resume_byte_identical_and_sample_and_export(flow_run, tmp_path, capsys):
+    kind, model, out, argv = flow_run
+    again = [*argv, "--out", tmp_path / "run", "--resume"]
+    r = subprocess.run([sys.executable, "-c", KILLER, "style", "3", "step", *map(str, again)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    assert torch.load(tmp_path / "run" / "style" / b4m.CHECKPOINT, weights_only=True)["step"] == 2
+    code, err = run_b4m(again, capsys)
+    assert code == 0 and "style: continuing from step 2" in err, err
+    names = [f"{s}/{b4m.WEIGHTS}" for s in ("content", "style", "b4m")] + ["losses.csv", "samples/grid.png"]
+    assert all((tmp_path / "run" / n).read_bytes() == (out / n).read_bytes() for n in names)
+    code, err = run_b4m(["sample", "--run", tmp_path / "run", "--export", tmp_path / "export", "--style-scale", "0.5"],
+                        capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [b4m.WEIGHTS]
+    exported = load(tmp_path / "export" / b4m.WEIGHTS)
+    expected = b4m.scale_made(load(out / "b4m" / b4m.WEIGHTS), 1.0, 0.5)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert (tmp_path / "run" / "samples" / "b4m_0.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_matching_loss_equals_a_hand_computation(kind):
+    """One batch: u from the density, sigma and t from the training scheduler at u T,
+    x_t = (1 - sigma) x0 + sigma eps, target eps - x0, the transformer called as the diffusers
+    scripts call it (FLUX: packed latents, ids, t / 1000, guidance 3.5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = b4m.tiny_pipeline(kind)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    data = b4m.encode_set(pipe, *b4m.load_image_set(EXAMPLES / "content", 64))
+    loss = b4m.training_loss(pipe, 2, 3.5)
+    assert loss.keywords == {"density": "uniform" if kind == "flux" else "logit_normal",
+                             "flux": kind == "flux", "guidance": 3.5 if kind == "flux" else None}
+    got = loss([data], torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    i = torch.randint(4, (2,), generator=g)
+    x0 = data["mean"][i] + data["std"][i] * torch.randn(data["mean"][i].shape, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    u = torch.rand(2, generator=g) if kind == "flux" else torch.sigmoid(torch.normal(0.0, 1.0, (2,), generator=g))
+    index = (u * 1000).long()
+    sigma, t = sched.sigmas[index].view(-1, 1, 1, 1), sched.timesteps[index]
+    x_t = (1 - sigma) * x0 + sigma * eps
+    text = {"encoder_hidden_states": data["cond"]["encoder_hidden_states"].expand(2, -1, -1),
+            "pooled_projections": data["cond"]["pooled_projections"].expand(2, -1)}
+    with torch.no_grad():
+        if kind == "sd3":
+            v = pipe.transformer(hidden_states=x_t, timestep=t, **text).sample
+        else:
+            packed = FluxPipeline._pack_latents(x_t, 2, 4, 8, 8)
+            ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+            v = pipe.transformer(hidden_states=packed, timestep=t / 1000, guidance=torch.full((2,), 3.5),
+                                 txt_ids=torch.zeros(text["encoder_hidden_states"].shape[1], 3), img_ids=ids,
+                                 **text).sample
+            v = FluxPipeline._unpack_latents(v, 64, 64, 8)
+    expected = ((v - (eps - x0)) ** 2).mean()
+    assert data["mean"].shape == (4, 4, 8, 8) and got.shape == (1,)
+    assert torch.allclose(got[0], expected, atol=1e-6, rtol=1e-5), (got, expected)
+    # latents are (z - shift) * scale: the VAE's own factors
+    with torch.no_grad():
+        dist = pipe.vae.encode(b4m.load_image_set(EXAMPLES / "content", 64)[0]).latent_dist
+    assert torch.equal(data["mean"], (dist.mean - 0.0609) * 1.5035)
+    assert torch.equal(data["std"], dist.std * 1.5035)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_models_refuse_an_impossible_rank_before_loading_and_a_size_they_cannot_patch(tmp_path, capsys,
+                                                                                          monkeypatch, kind):
+    b4m.tiny_pipeline(kind).save_pretrained(tmp_path / "model")
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", tmp_path / "model",
+            "--out", tmp_path / "out"]
+    load_pipeline = b4m.load_pipeline
+    monkeypatch.setattr(b4m, "load_pipeline", lambda *a: pytest.fail("a model was loaded before the rank check"))
+    code, err = run_b4m([*argv, "--rank", "33"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "b4m: error: --rank 33: this model's smallest attention projection allows at most 32")
+    monkeypatch.setattr(b4m, "load_pipeline", load_pipeline)
+    for flag in ("--resolution", "--sample-resolution"):  # the VAE's 8 x 2 x 2 patches: multiples of 16
+        code, err = run_b4m([*argv, "--rank", "4", flag, "72"], capsys)
+        assert code == 2 and err.strip().splitlines()[-1] == f"b4m: error: {flag} 72: this model needs a multiple of 16"
+    assert not (tmp_path / "out").exists()
+
+
 # Cost: what runs inside the training loop ----------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -1266,13 +1436,15 @@ def test_sampling_again_replaces_the_samples(sd_run, tmp_path, capsys):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["b4m_0.png", "content_0.png", "grid.png", "style_0.png"]
 
 
-def test_a_pipeline_that_is_not_text_to_image_is_refused(tmp_path, capsys):
+def test_a_pipeline_that_is_not_text_to_image_is_refused(tmp_path, capsys, no_model_load):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     StableDiffusionImg2ImgPipeline(**b4m.tiny_pipeline("sd").components).save_pretrained(tmp_path / "img2img")
     code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model",
                          tmp_path / "img2img", "--rank", "4", "--out", tmp_path / "out"], capsys)
-    assert code == 2 and "a StableDiffusionImg2ImgPipeline; b4m needs an SD 1.x/2.x or SDXL text-to-image" in err
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"b4m: error: --model {tmp_path / 'img2img'}: a StableDiffusionImg2ImgPipeline; b4m needs an SD 1.x/2.x, "
+        f"SDXL, SD3/SD3.5 or FLUX.1 text-to-image pipeline")
 
 
 # One source for every default -------------------------------------------------------------------
@@ -1312,7 +1484,7 @@ def test_the_readme_notebook_block_runs_as_written():
     code = block + "\nprint(len(made), [row[0] for row in log])\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "64 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", r.stdout  # 32 layers, 2 keys each
+    assert r.stdout.strip() == "64 [1, 2, 3, 4, 5]", r.stdout  # 32 layers, 2 keys each; 5 make steps
 
 
 def test_the_readme_states_the_defaults_the_code_has():

@@ -2,7 +2,7 @@
 
     python examples/benchmark.py [--rank 16] [--repeats 15] [--threads N] [--model ID_OR_FOLDER]
 
-One process, one randomly initialised mid-size UNet. In each comparison the variants run round-robin
+One process, one randomly initialised mid-size UNet and one mid-size FLUX-shaped transformer. In each comparison the variants run round-robin
 (A, B, C, A, B, C, ...), so slow drifts of the machine hit all of them alike, and each number is a
 median after warm-up. The ratios are the result; absolute times are only context.
 """
@@ -34,6 +34,29 @@ def mid_unet():
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=CROSS_DIM).requires_grad_(False)
+
+
+def mid_flux():
+    """Shaped like FLUX.1's transformer but small: 2 joint and 4 single blocks, width 512."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                  attention_head_dim=64, num_attention_heads=8, joint_attention_dim=256,
+                                  pooled_projection_dim=128, guidance_embeds=True,
+                                  axes_dims_rope=[16, 24, 24]).requires_grad_(False)
+
+
+def flux_inputs(transformer, latent, text_tokens=64):
+    """Packed latents (latent/2 x latent/2 tokens of 64 channels), text, ids, timestep, guidance."""
+    cfg, g = transformer.config, torch.Generator().manual_seed(0)
+    side = latent // 2
+    x = torch.randn(1, side * side, cfg.in_channels, generator=g)
+    kw = dict(encoder_hidden_states=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+              timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), txt_ids=torch.zeros(text_tokens, 3),
+              img_ids=torch.zeros(side * side, 3))
+    return x, kw
 
 
 def interleaved(runs, repeats, warmup=2):
@@ -75,7 +98,7 @@ def fwd_bwd(unet, x, kw, params):
     return run
 
 
-def fwd_bwd_section(unet, rank, repeats, latent, title):
+def fwd_bwd_section(unet, rank, repeats, latent, title, inputs=unet_inputs):
     """Frozen (gradient w.r.t. the input only: every activation gradient, no weight gradient, the
     floor no adapter can beat) vs peft LoRA vs PLP, on copies holding the same frozen weights."""
     from peft import LoraConfig
@@ -85,12 +108,12 @@ def fwd_bwd_section(unet, rank, repeats, latent, title):
     lora_params = [p for p in lora.parameters() if p.requires_grad]
     layers = b4m.add_plp(plp, rank, seed=0)
     plp_params = [p for layer in layers.values() for p in (layer.B, layer.D)]
-    x, kw = unet_inputs(unet, latent)
+    x, kw = inputs(unet, latent)
     x_in = x.clone().requires_grad_(True)
     t = interleaved({"frozen": fwd_bwd(unet, x_in, kw, [x_in]), "lora": fwd_bwd(lora, x, kw, lora_params),
                      "plp": fwd_bwd(plp, x, kw, plp_params)}, repeats)
     print(f"forward+backward, {title} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params), "
-          f"batch 1, latent {latent}x{latent}; ratio to frozen")
+          f"batch 1, latent {latent}x{latent}, {len(layers)} adapted layers; ratio to frozen")
     row("frozen, gradient w.r.t. the input only", t["frozen"], 1.0)
     row(f"peft LoRA r={rank}, gradient into lora_A, lora_B", t["lora"], t["lora"] / t["frozen"])
     row(f"b4m PLP r={rank}, gradient into B, D", t["plp"], t["plp"] / t["frozen"])
@@ -247,6 +270,11 @@ def main():
     m_plp, m_lora = memory_section(riem, plp_params, lora_params, r)
     fused = sampling_section(unet, r, args.repeats)
     checkpoint = checkpoint_section(riem, plp_params, t["plp"], args.repeats)
+    print()
+    flux = mid_flux()
+    tf, _, flux_layers, flux_params = fwd_bwd_section(flux, r, args.repeats, LATENT, "mid-size FLUX-shaped transformer",
+                                                      inputs=flux_inputs)
+    _, added_flux = optimizer_section(flux_layers, flux_params, tf["plp"], args.repeats)
     sdxl_sizes()
     if args.model:  # a real model's sampling would take minutes on a CPU: forward+backward only
         from diffusers import UNet2DConditionModel
@@ -261,6 +289,10 @@ def main():
             (t["plp"] <= 1.10 * t["frozen"], f"PLP fwd+bwd <= 1.10 x frozen floor (r={r}; target is at r=16)",
              f"x{t['plp'] / t['frozen']:.3f}"),
             (added <= 0.02, "preconditioning adds <= 2% of a fwd+bwd over AdamW", f"{100 * added:.2f} %"),
+            (tf["plp"] <= 1.05 * tf["lora"], "transformer: PLP fwd+bwd <= 1.05 x peft LoRA", f"x{tf['plp'] / tf['lora']:.3f}"),
+            (tf["plp"] <= 1.10 * tf["frozen"], "transformer: PLP fwd+bwd <= 1.10 x frozen floor",
+             f"x{tf['plp'] / tf['frozen']:.3f}"),
+            (added_flux <= 0.02, "transformer: preconditioning adds <= 2% of a fwd+bwd", f"{100 * added_flux:.2f} %"),
             (2 * m_plp == m_lora, "AdamW moments exactly 1/2 of peft LoRA's", f"{m_plp / m_lora:.6f}"),
             (fused <= 1.02, "fused sampling <= 1.02 x base", f"x{fused:.3f}"),
             (checkpoint <= 0.01, "checkpoints at the default interval <= 1% of stage time", f"{100 * checkpoint:.3f} %")]:
