@@ -435,11 +435,11 @@ def break_stage(stage, unet, loss, content, style, aux=None, *, rank, seed, step
     aux = aux or [other_target]  # MCP with one partner: the set the stage's half must work with
 
     layers = add_plp(unet, rank, seed, prior)
-    B = [layer.B for layer in layers.values()]
-    D = [layer.D for layer in layers.values()]
+    every_B = [layer.B for layer in layers.values()]  # the style half of every layer
+    every_D = [layer.D for layer in layers.values()]  # the content half of every layer
     # The content stage learns the content in D (its own half); B, the other half, learns from
     # the auxiliary style sets. The style stage is the mirror image.
-    own, other = (D, B) if stage == "content" else (B, D)
+    own, other = (every_D, every_B) if stage == "content" else (every_B, every_D)
     # AdamW's defaults (betas 0.9/0.999, eps 1e-8, weight decay 1e-2) are the official values.
     optimizer = torch.optim.AdamW([{"params": own, "lr": lr}, {"params": other, "lr": aux_lr}])
     generator, scaler = seeded(seed, stage), loss_scaler(unet)
@@ -517,9 +517,9 @@ def make_stage(unet, loss, content, style, content_sd, style_sd, *, rank, seed, 
     if precondition:
         optimizer = RiemannianAdamW(layers.values(), lr=lr)
     else:  # two parameter groups all the same, so that each half is clipped on its own
-        B = [layer.B for layer in layers.values()]
-        D = [layer.D for layer in layers.values()]
-        optimizer = torch.optim.AdamW([{"params": B}, {"params": D}], lr=lr)
+        every_B = [layer.B for layer in layers.values()]
+        every_D = [layer.D for layer in layers.values()]
+        optimizer = torch.optim.AdamW([{"params": every_B}, {"params": every_D}], lr=lr)
     # The make stage's random stream is named "b4m": the name it had before the stage was called
     # make in the code. Renaming it would change every made adapter's bytes.
     generator, scaler = seeded(seed, "b4m"), loss_scaler(unet)

@@ -1297,13 +1297,22 @@ def test_flow_models_make_starts_from_the_halves_and_a_layer_without_gradient_ke
     assert m.keys() == expected.keys() and all(torch.equal(m[k], expected[k]) for k in m)
 
 
-def test_flow_models_no_mcp_leaves_B_exactly_zero_in_the_content_stage(flow_run, capsys):
+def test_flow_models_no_mcp_leaves_B_exactly_zero_and_the_baseline_merges_peft_loras(flow_run, capsys):
     kind, model, out, argv = flow_run
     code, err = run_b4m([*argv, "--out", out.parent / "no-mcp", "--no-mcp", "--make-steps", "0"], capsys)
     assert code == 0, err
     content = load(out.parent / "no-mcp" / "content" / b4m.WEIGHTS)
     for k in (k for k in content if k.endswith("lora_B.weight")):
         assert not split(content, k)[1].any()
+    code, err = run_b4m([*argv, "--out", out.parent / "merge", "--baseline", "lora-merge"], capsys)
+    assert code == 0, err
+    c, s_, merged = (load(out.parent / "merge" / s / b4m.WEIGHTS) for s in ("content", "style", "b4m"))
+    assert sorted(merged) == sorted(f"transformer.{m}.lora_{x}.weight" for m in FLOW_LAYERS[kind] for x in "AB")
+    for k in (k for k in merged if k.endswith("lora_B.weight")):  # peft on the same modules, summed: rank 8
+        v = k.replace("lora_B", "lora_A")
+        assert merged[k].shape[1] == 8 and torch.allclose(merged[k] @ merged[v], c[k] @ c[v] + s_[k] @ s_[v], atol=1e-6)
+    report = json.loads((out / "report.json").read_text())  # the drift report of the B4M run
+    assert all(report[key][name] > 0 for key in ("drift", "effect") for name in ("content", "style", "b4m"))
 
 
 def test_flow_models_killed_mid_stage_resume_byte_identical_and_sample_and_export(flow_run, tmp_path, capsys):
@@ -1533,6 +1542,22 @@ def test_held_out_concepts_never_reach_base_training():
     assert sorted(toyworld.TRAIN_PAIRS) == sorted(every - set(toyworld.HELD_OUT_PAIRS))  # 60, each once
 
 
+def test_the_v2_world_holds_out_three_shapes_and_three_styles():
+    try:
+        toyworld.use_world("v2")
+        known_shapes = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon"]
+        known_styles = ["red", "blue", "stripes", "dots", "outline", "gradient", "night"]
+        every = {(a, b) for a in known_shapes for b in known_styles}  # heart, arrow, crescent; checker, neon, zebra
+        assert sorted(toyworld.TRAIN_PAIRS) == sorted(every - set(toyworld.HELD_OUT_PAIRS))  # 45, each once
+        assert len(toyworld.TRAIN_PAIRS) == 45 and toyworld.MODEL == EXAMPLES / "toyworld" / "model-v2"
+        unet = toyworld.make_unet()  # every adapted layer at least 64 wide: rank 8 gives r / m_f <= 0.25
+        widths = {min(m.out_features, m.in_features) for n, m in unet.named_modules() if b4m.is_target(n, m)}
+        assert widths == {64, 128}
+    finally:
+        toyworld.use_world("v1")
+    assert toyworld.MODEL == EXAMPLES / "toyworld" / "model" and len(toyworld.TRAIN_PAIRS) == 60
+
+
 def test_word_level_tokenizer_gives_every_word_one_token(toy_pipe):
     ids = toy_pipe.tokenizer("a snq object in w@z style").input_ids
     vocab = toy_pipe.tokenizer.get_vocab()
@@ -1596,10 +1621,33 @@ def test_compare_scores_the_combined_prompt_and_the_leaks(evaluator, tmp_path):
         "content_stage_shape": 0.75, "style_stage_style": 1.0}
 
 
+def test_regime_numbers_of_the_shipped_model_and_of_sdxl(toy_pipe):
+    """toyworld.regime, the source of the README's regime table, against add_plp's own layers."""
+    import copy
+
+    rows = {(r["type"], r["shape"]): r for r in toyworld.regime(toy_pipe.unet, 16)}
+    unet = copy.deepcopy(toy_pipe.unet)
+    layers = b4m.add_plp(unet, 16, 0)
+    for (kind, shape), row in rows.items():
+        names = [n for n in layers if n.endswith("." + kind.split()[1]) and ((".attn2." in n) == kind.startswith("cross"))
+                 and f"{layers[n].base.out_features}x{layers[n].base.in_features}" == shape]
+        assert len(names) == row["layers"] > 0
+        m, n = map(int, shape.split("x"))
+        assert (row["r/m_f"], row["r/n_f"], row["B rows"], row["D columns"]) == (16 / (m // 2), 16 / (n // 2), m - m // 2,
+                                                                              n - n // 2)
+        ratio = sum((layers[k].delta_weight().norm() / layers[k].base.weight.norm()).item() for k in names) / len(names)
+        assert row["|dW_init|/|W0|"] == round(ratio, 3), (kind, shape)
+    assert sum(r["layers"] for r in rows.values()) == len(layers) == 56
+    sdxl = toyworld.regime(toyworld.sdxl_unet_on_meta(), 64)
+    assert sum(r["layers"] for r in sdxl) == 560  # 140 attention modules x 4 projections
+    assert {r["shape"]: r["r/m_f"] for r in sdxl} == {"640x640": 0.2, "640x2048": 0.2, "1280x1280": 0.1, "1280x2048": 0.1}
+    assert all(r["|dW_init|/|W0|"] is None for r in sdxl)  # no weights here
+
+
 def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
     toyworld.main(["info"])
     assert json.loads(capsys.readouterr().out) == {
-        "shapes": toyworld.SHAPES, "styles": toyworld.STYLES, "held_out_shapes": ["heart", "arrow"],
+        "world": "v1", "shapes": toyworld.SHAPES, "styles": toyworld.STYLES, "held_out_shapes": ["heart", "arrow"],
         "held_out_styles": ["checker", "neon"], "held_out_pairs": [list(p) for p in toyworld.HELD_OUT_PAIRS],
         "model": str(EXAMPLES / "toyworld" / "model")}
     toyworld.main(["draw", "--shape", "arrow", "--style", "neon", "--n", "3", "--seed", "9", "--out", str(tmp_path),

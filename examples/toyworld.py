@@ -10,8 +10,9 @@ comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's 
     python examples/toyworld.py info
     python examples/toyworld.py draw --shape heart --style blue --n 8 --out DIR [--seed K] [--prompt P]
     python examples/toyworld.py score DIR
-    python examples/toyworld.py train [--part evaluator|vae|unet|all]     (reproduces examples/toyworld/)
-    python examples/toyworld.py gates [--n N]
+    python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2]  (reproduces toyworld/)
+    python examples/toyworld.py gates [--n N] [--world v1|v2]
+    python examples/toyworld.py regime [--world v1|v2] [--rank R]        (adapter size against the model)
     python examples/toyworld.py compare [--seeds 0 1 2] [--n 32] [--jobs 2]
 """
 import argparse
@@ -33,7 +34,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE / "toyworld"
-MODEL, EVALUATOR = ROOT / "model", ROOT / "evaluator.safetensors"
+EVALUATOR = ROOT / "evaluator.safetensors"
 SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 px
 
 # ---------------------------------------------------------------------------------------------
@@ -42,11 +43,37 @@ SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "crescent", "heart", "arrow"]
 STYLES = ["red", "blue", "stripes", "dots", "outline", "gradient", "night", "zebra", "checker", "neon"]
-HELD_OUT_SHAPES, HELD_OUT_STYLES = ["heart", "arrow"], ["checker", "neon"]
 HELD_OUT_PAIRS = [("circle", "stripes"), ("triangle", "night"), ("cross", "gradient"), ("hexagon", "dots")]
-KNOWN_SHAPES = [s for s in SHAPES if s not in HELD_OUT_SHAPES]
-KNOWN_STYLES = [s for s in STYLES if s not in HELD_OUT_STYLES]
-TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES if (a, b) not in HELD_OUT_PAIRS]
+# Two base models share the drawing, the VAE's design and the evaluator. v1, the first: heart,
+# arrow, checker and neon held out, attention projections 32 and 64 wide (the quick start and the
+# README's comparison so far). v2, in SDXL's regime (issue 17): three shapes and three styles held
+# out (9 new content-style pairs), projections 64 and 128 wide and a 128-wide text embedding, so
+# that a rank-8 adapter is small against every layer (r / m_f <= 0.25, as rank 64 in SDXL).
+# phases: UNet + text encoder training; a later phase starts from the saved (EMA) weights.
+WORLDS = {
+    "v1": dict(held_out_shapes=["heart", "arrow"], held_out_styles=["checker", "neon"], widths=(32, 64),
+               heads=4, text_width=64, folder="model",
+               phases=[dict(steps=2400, batch=48, lr=1e-3, seed=2), dict(steps=1500, batch=48, lr=3e-4, seed=3)]),
+    "v2": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
+               widths=(64, 128), heads=8, text_width=128, folder="model-v2",
+               phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2)]),
+}
+
+
+def use_world(name):
+    """Make `name` the world every function below works in: what is held out, the model's shape
+    and folder (module-level names, so that the story reads as plain constants)."""
+    global WORLD, HELD_OUT_SHAPES, HELD_OUT_STYLES, KNOWN_SHAPES, KNOWN_STYLES, TRAIN_PAIRS
+    global WIDTHS, HEADS, TEXT_WIDTH, MODEL
+    w = WORLDS[name]
+    WORLD, HELD_OUT_SHAPES, HELD_OUT_STYLES = name, w["held_out_shapes"], w["held_out_styles"]
+    KNOWN_SHAPES = [s for s in SHAPES if s not in HELD_OUT_SHAPES]
+    KNOWN_STYLES = [s for s in STYLES if s not in HELD_OUT_STYLES]
+    TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES if (a, b) not in HELD_OUT_PAIRS]
+    WIDTHS, HEADS, TEXT_WIDTH, MODEL = w["widths"], w["heads"], w["text_width"], ROOT / w["folder"]
+
+
+use_world("v1")
 
 
 def polygon(shape):
@@ -256,8 +283,9 @@ def make_text_encoder(vocab_size):
     embedding is the same in every prompt and at every position (SD's CLIP mixes context in; a word
     learned in "a photo of snq object" must carry over to "a snq object in w@z style")."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=0,
-                                      num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=64,
+                                      num_hidden_layers=0, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                                      projection_dim=TEXT_WIDTH,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2))
     te.embeddings.position_embedding.weight.data.zero_()
     te.embeddings.position_embedding.requires_grad_(False)
@@ -274,8 +302,8 @@ def make_vae():
 def make_unet():
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
-        sample_size=SIZE // 2, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        attention_head_dim=4, cross_attention_dim=64,
+        sample_size=SIZE // 2, block_out_channels=WIDTHS, layers_per_block=1, norm_num_groups=8,
+        attention_head_dim=HEADS, cross_attention_dim=TEXT_WIDTH,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # 16x16 and 8x8: adapters reach
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))  # the layers that draw the shape
 
@@ -316,10 +344,11 @@ def vae_check(vae, n=4):
     return {"psnr_db": round(10 * math.log10(4 / F.mse_loss(rec, x).item()), 2), "both_right": right / len(got)}
 
 
-def train_unet(vae, steps, batch=48, lr=1e-3, start=None, seed=2):
+def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=100):
     """UNet and text encoder together, on `a {shape} in {style} style` for the training pairs only;
     10% empty prompts so that classifier-free guidance has an unconditional branch. start: a
-    (text encoder, UNet) to go on from, with a fresh optimizer (the second phase)."""
+    (text encoder, UNet) to go on from, with a fresh optimizer (a later phase). Every `every` steps
+    the whole state goes to `checkpoint`; a run started again continues from it exactly."""
     from diffusers import DDPMScheduler
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
@@ -339,8 +368,20 @@ def train_unet(vae, steps, batch=48, lr=1e-3, start=None, seed=2):
     warm = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    g, t0 = torch.Generator().manual_seed(seed), time.time()
-    for step in range(steps):
+    g, start, seconds = torch.Generator().manual_seed(seed), 0, 0.0
+    if checkpoint and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=True)
+        with torch.no_grad():
+            for p, v, e, ve in zip(params, state["params"], ema, state["ema"]):
+                p.copy_(v)
+                e.copy_(ve)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        start, seconds = state["step"], state["seconds"]
+        print(f"unet: continuing from step {start} ({checkpoint})", flush=True)
+    t0 = time.time() - seconds
+    for step in range(start, steps):
         i = torch.randint(len(mean), (batch,), generator=g)
         z0 = mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)
         eps = torch.randn(z0.shape, generator=g)
@@ -356,22 +397,28 @@ def train_unet(vae, steps, batch=48, lr=1e-3, start=None, seed=2):
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.999, (step + 1) / (step + 10)))
         if step % 100 == 0:
             print(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if checkpoint and (step + 1) % every == 0 and step + 1 < steps:
+            state = {"step": step + 1, "params": [p.detach().clone() for p in params], "ema": ema,
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "generator": g.get_state(), "seconds": time.time() - t0}
+            torch.save(state, f"{checkpoint}.tmp")
+            os.replace(f"{checkpoint}.tmp", checkpoint)  # all or nothing: a kill keeps the last one
     with torch.no_grad():  # ship the moving average: smoother samples than the last step's weights
         for p, e in zip(params, ema):
             p.copy_(e)
-    return te, unet, tokenizer
+    return te, unet, tokenizer, time.time() - t0
 
 
-def save_model(vae, te, unet, tokenizer, out=MODEL):
+def save_model(vae, te, unet, tokenizer, out=None):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(out)  # fp16 on disk; b4m loads it in fp32 on the CPU
+    pipe.to(torch.float16).save_pretrained(out or MODEL)  # fp16 on disk; b4m loads it in fp32
 
 
-def load_model(path=MODEL):
+def load_model(path=None):
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(path or MODEL, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -385,6 +432,56 @@ def sample(pipe, prompt, n, seed, steps=25):
 # ---------------------------------------------------------------------------------------------
 # 4. Gates and the comparison
 # ---------------------------------------------------------------------------------------------
+
+
+def regime(unet, rank, seed=0):
+    """How large a B4M adapter is against the model, per adapted layer type (self- or
+    cross-attention projection, m x n): r / m_f, r / n_f, the rows of the style half B (m - m_f)
+    and the columns of the content half D (n - n_f), and the size of the PLP at initialisation
+    (b4m's construction: A, C from the orthogonal prior, B = 0, D ~ N(0, 1/r^2)) against the frozen
+    weights, ||dW_init||_F / ||W0||_F and ||A C||_F / ||W0[:m_f, :n_f]||_F, averaged over the
+    layers of the type (None where W0 holds no values, as on the meta device)."""
+    sys.path.insert(0, str(HERE.parent))
+    import b4m
+
+    rows = {}
+    for name, module in unet.named_modules():
+        if not b4m.is_target(name, module):
+            continue
+        m, n = module.out_features, module.in_features
+        m_f, n_f = m // 2, n // 2
+        projection = next(t for t in b4m.TARGETS if name.endswith("." + t))
+        kind = ("cross " if ".attn2." in name else "self ") + projection
+        generator = b4m.seeded(seed, name)  # as add_plp draws it
+        A, C = b4m.orthogonal_prior(m, n, rank, generator)
+        D = torch.randn(rank, n - n_f, generator=generator, dtype=torch.float64) / rank
+        dW = torch.cat([torch.cat([A @ C, A @ D], 1), torch.zeros(m - m_f, n, dtype=torch.float64)])
+        row = rows.setdefault((kind, m, n), {"type": kind, "shape": f"{m}x{n}", "layers": 0,
+                                             "r/m_f": rank / m_f, "r/n_f": rank / n_f,
+                                             "B rows": m - m_f, "D columns": n - n_f,
+                                             "|dW_init|": [], "|dW_init|/|W0|": [], "|AC|/|W0_AC|": []})
+        row["layers"] += 1
+        row["|dW_init|"].append(dW.norm().item())
+        if module.weight.device.type != "meta":
+            W0 = module.weight.detach().double()
+            row["|dW_init|/|W0|"].append(dW.norm().item() / W0.norm().item())
+            row["|AC|/|W0_AC|"].append((A @ C).norm().item() / W0[:m_f, :n_f].norm().item())
+    for row in rows.values():
+        for key in ("|dW_init|", "|dW_init|/|W0|", "|AC|/|W0_AC|"):
+            row[key] = round(sum(row[key]) / len(row[key]), 3) if row[key] else None
+    return list(rows.values())
+
+
+def sdxl_unet_on_meta():
+    """SDXL base's UNet built from its published config's shapes, with no weights (meta)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        return UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 
 
 def gate(pipe, pairs, n, seed, model):
@@ -507,7 +604,7 @@ def cmd_train(args):
     torch.set_num_threads(args.threads)
     ROOT.mkdir(parents=True, exist_ok=True)
     times = json.loads((ROOT / "train_times.json").read_text()) if (ROOT / "train_times.json").exists() else {}
-    for part in ["evaluator", "vae", "unet", "unet2"] if args.part == "all" else [args.part]:
+    for part in ["evaluator", "vae", "unet"] if args.part == "all" else [args.part]:
         t0 = time.time()
         if part == "evaluator":
             train_evaluator()
@@ -516,21 +613,43 @@ def cmd_train(args):
             vae = train_vae()
             vae.to(torch.float16).save_pretrained(MODEL / "vae")  # the unet part saves the pipeline around it
             print(json.dumps(vae_check(vae.float())), flush=True)
-        elif part == "unet":
+        else:  # the UNet and text encoder, phase by phase, resumable from a checkpoint
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(MODEL / "vae", dtype=torch.float32).eval()
-            save_model(vae, *train_unet(vae, 2400))
-        else:  # 2400 steps left shapes at 69%: a second phase at a lower lr, from the saved (EMA) weights
-            pipe = load_model()
-            te, unet, _ = train_unet(pipe.vae, 1500, lr=3e-4, start=(pipe.text_encoder, pipe.unet), seed=3)
-            save_model(pipe.vae, te, unet, pipe.tokenizer)
+            seconds = 0.0
+            for i, phase in enumerate(WORLDS[WORLD]["phases"]):
+                start = None
+                if i:  # from the saved (EMA) weights of the phase before
+                    pipe = load_model()
+                    start = (pipe.text_encoder, pipe.unet)
+                checkpoint = ROOT / f"unet-checkpoint-{WORLD}-{i}.pt"
+                *parts, took = train_unet(vae, **phase, start=start, checkpoint=checkpoint)
+                save_model(vae, *parts)
+                checkpoint.unlink(missing_ok=True)
+                seconds += took  # the training time of every attempt, not of this one
+            t0 = time.time() - seconds
+            part = f"unet-{WORLD}"
         times[part] = round(time.time() - t0, 1)
         (ROOT / "train_times.json").write_text(json.dumps(times, indent=1))
         print(f"{part}: {times[part]} s", flush=True)
 
 
+def cmd_regime(args):
+    """The README's regime table: the world's model at --rank, and SDXL at rank 64 (its shapes)."""
+    keys = ["type", "shape", "layers", "r/m_f", "r/n_f", "B rows", "D columns", "|dW_init|", "|dW_init|/|W0|",
+            "|AC|/|W0_AC|"]
+    labels = [k.replace("|", "‖") for k in keys]  # a bare | would split a markdown cell
+    print("| model | " + " | ".join(labels) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for label, unet, rank in [(f"toy {WORLD}, r={args.rank}", load_model().unet, args.rank),
+                              ("SDXL, r=64", sdxl_unet_on_meta(), 64)]:
+        for row in regime(unet, rank):
+            cells = ["n/a" if row[k] is None else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
+                     for k in keys]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def cmd_info(args):
-    print(json.dumps({"shapes": SHAPES, "styles": STYLES, "held_out_shapes": HELD_OUT_SHAPES,
+    print(json.dumps({"world": WORLD, "shapes": SHAPES, "styles": STYLES, "held_out_shapes": HELD_OUT_SHAPES,
                       "held_out_styles": HELD_OUT_STYLES, "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
                       "model": str(MODEL)}, indent=1))
 
@@ -559,7 +678,7 @@ def positive(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info")
+    sub.add_parser("info").add_argument("--world", choices=list(WORLDS), default="v1")
     d = sub.add_parser("draw")
     d.add_argument("--shape", choices=SHAPES, required=True)
     d.add_argument("--style", choices=STYLES, required=True)
@@ -569,11 +688,16 @@ def main(argv=None):
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
     t = sub.add_parser("train")
-    t.add_argument("--part", choices=["evaluator", "vae", "unet", "unet2", "all"], default="all")
+    t.add_argument("--part", choices=["evaluator", "vae", "unet", "all"], default="all")
     t.add_argument("--threads", type=positive, default=1)
+    t.add_argument("--world", choices=list(WORLDS), default="v1")
+    r = sub.add_parser("regime")
+    r.add_argument("--world", choices=list(WORLDS), default="v1")
+    r.add_argument("--rank", type=positive, default=16)
     g = sub.add_parser("gates")
     g.add_argument("--n", type=positive, default=4)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--world", choices=list(WORLDS), default="v1")
     c = sub.add_parser("compare")
     c.add_argument("--out", default="runs/toyworld-compare")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -582,10 +706,11 @@ def main(argv=None):
     c.add_argument("--n", type=positive, default=32, help="samples of each prompt per run")
     c.add_argument("--jobs", type=positive, default=2, help="cells run side by side, one thread each")
     args = p.parse_args(argv)
+    use_world(getattr(args, "world", "v1"))
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
-     "compare": cmd_compare}[args.command](args)
+     "compare": cmd_compare, "regime": cmd_regime}[args.command](args)
 
 
 if __name__ == "__main__":
