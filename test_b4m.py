@@ -1644,6 +1644,25 @@ def test_regime_numbers_of_the_shipped_model_and_of_sdxl(toy_pipe):
     assert all(r["|dW_init|/|W0|"] is None for r in sdxl)  # no weights here
 
 
+def test_validation_and_test_pairs_never_overlap_and_are_all_new_in_v2():
+    test, validation = set(toyworld.TEST_PAIRS), set(toyworld.VALIDATION_PAIRS)
+    assert not test & validation and len(test) >= 3 and len(test | validation) == 9
+    new = {(a, c) for a in ("heart", "arrow", "crescent") for c in ("checker", "neon", "zebra")}
+    assert {(a, c) for a, _, c in test | validation} == new  # every one of v2's nine new pairs, once
+    assert all(own not in ("checker", "neon", "zebra") for _, own, _ in test | validation)  # a known style
+
+
+def test_bootstrap_interval_on_a_hand_made_example():
+    assert toyworld.bootstrap([0.5] * 6) == (0.5, 0.5, 0.5)  # no spread, no interval
+    # 4 cells: a resample's mean is k/4, k ~ Binomial(4, 1/2): P(k = 0) = P(k = 4) = 1/16 > 2.5 %,
+    # so the 95 % interval reaches both extremes
+    assert toyworld.bootstrap([0.0, 0.0, 1.0, 1.0], resamples=20000) == (0.5, 0.0, 1.0)
+    mean, low, high = toyworld.bootstrap([0.0] * 10 + [1.0] * 10)  # 20 cells: P(k <= 5) ~ 2 %
+    assert mean == 0.5 and 0.25 <= low < 0.35 and 0.65 < high <= 0.75
+    diff = toyworld.paired_difference([0.3, 0.5, 0.7], [0.1, 0.3, 0.5])
+    assert all(abs(v - 0.2) < 1e-12 for v in diff)  # the same difference in every cell
+
+
 def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
     toyworld.main(["info"])
     assert json.loads(capsys.readouterr().out) == {
