@@ -1558,6 +1558,15 @@ def test_the_v2_world_holds_out_three_shapes_and_three_styles():
     assert toyworld.MODEL == EXAMPLES / "toyworld" / "model" and len(toyworld.TRAIN_PAIRS) == 60
 
 
+def test_the_shipped_v2_model_loads_and_has_the_v2_shape():
+    pipe = toyworld.load_model(EXAMPLES / "toyworld" / "model-v2")
+    assert pipe.unet.config.block_out_channels == (64, 128) and pipe.unet.config.cross_attention_dim == 128
+    assert pipe.text_encoder.config.hidden_size == 128 and pipe.vae.config.latent_channels == 4
+    assert b4m.check_rank(8, pipe.unet) is None  # rank 8 fits; the smallest layer allows 64
+    with pytest.raises(b4m.UsageError, match="at most 64"):
+        b4m.check_rank(65, pipe.unet)
+
+
 def test_word_level_tokenizer_gives_every_word_one_token(toy_pipe):
     ids = toy_pipe.tokenizer("a snq object in w@z style").input_ids
     vocab = toy_pipe.tokenizer.get_vocab()
