@@ -18,6 +18,7 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # set before transformers loads: no torchvision notices
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # toyworld.py, beside this file
 import b4m  # noqa: E402
 
 LATENT, CROSS_DIM, SAMPLE_STEPS = 32, 256, 8
@@ -227,15 +228,9 @@ def checkpoint_section(riem, params, t_plp, repeats):
 def sdxl_sizes(rank=64):
     """Adapter and checkpoint bytes for SDXL at the official rank, from the layer shapes of a weightless
     ('meta') UNet built from SDXL base 1.0's published UNet config: nothing is downloaded."""
-    from diffusers import UNet2DConditionModel
+    from toyworld import sdxl_unet_on_meta  # the same shapes as the toy world's regime table
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    unet = sdxl_unet_on_meta()
     shapes = [(m.out_features, m.in_features) for n, m in unet.named_modules() if b4m.is_target(n, m)]
     trainable = sum((m - m // 2) * rank + rank * (n - n // 2) for m, n in shapes)  # B and D
     adapter = sum((m + n) * rank for m, n in shapes) * 4  # U and V in fp32
