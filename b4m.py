@@ -196,16 +196,23 @@ def is_target(name, module):
     return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, nn.Linear)
 
 
-def add_plp(denoiser, rank, seed, prior=orthogonal_prior):
+def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
     """Wrap every attention projection of the denoiser (TARGETS) in a PLPLinear: every block, as
-    in the paper; no feed-forward or convolution layers. Returns {module name: PLPLinear}."""
+    in the paper; no feed-forward or convolution layers. Returns {module name: PLPLinear}.
+    scale (--prior-scale; 1 = the paper's construction, the official init): multiplies A, C and
+    D's initial draw, so A^T A + C C^T = scale^2 I and the step-0 change dW = [[A C, A D], [0, 0]]
+    shrinks by scale^2. Why it is there: the frozen blocks carry the other half's learning (a
+    step on D reaches the output through A, one on B through C), and at a low rank in a narrow
+    layer the orthonormal A C is as large as W0's own corner. Not in the paper."""
     layers = {}
     # list(...): the loop replaces modules, so it walks a snapshot of the module tree.
     for name, module in list(denoiser.named_modules()):
         if is_target(name, module):
             generator = seeded(seed, name)
             A, C = prior(module.out_features, module.in_features, rank, generator)
-            layers[name] = PLPLinear(module, A, C, generator)  # D from the same generator
+            layers[name] = PLPLinear(module, scale * A, scale * C, generator)  # D: same generator
+            with torch.no_grad():
+                layers[name].D.mul_(scale)  # (x 1.0 is exact: the default changes no bit)
             denoiser.set_submodule(name, layers[name])
     return layers
 
@@ -420,13 +427,14 @@ def loss_scaler(module):
 
 
 def break_stage(stage, unet, loss, content, style, aux=None, *, rank, seed, steps, lr, aux_lr,
-                grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior, loop=plain_loop,
-                prefix="unet"):
+                grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior, prior_scale=1.0,
+                loop=plain_loop, prefix="unet"):
     """The content stage ("content") or the style stage ("style") of break.
     content, style: the two target sets. aux: the auxiliary sets, of the other kind (styles for
     the content stage); None: the other target set is the one auxiliary set. That is b4m's
     default, not an official mode (the official scripts require three auxiliary folders).
     lr: the stage's own half (official 1e-4); aux_lr: the other half (official 1e-5).
+    prior, prior_scale: the scaffold's construction and size (add_plp).
     loss(sets, generator): one loss per set, for diffusers models
     functools.partial(denoising_loss, unet, noise_scheduler, batch_size). prefix: the state dict's
     key prefix, "unet", or "transformer" for SD3 and FLUX (section 7).
@@ -434,7 +442,7 @@ def break_stage(stage, unet, loss, content, style, aux=None, *, rank, seed, step
     target, other_target = (content, style) if stage == "content" else (style, content)
     aux = aux or [other_target]  # MCP with one partner: the set the stage's half must work with
 
-    layers = add_plp(unet, rank, seed, prior)
+    layers = add_plp(unet, rank, seed, prior, prior_scale)
     every_B = [layer.B for layer in layers.values()]  # the style half of every layer
     every_D = [layer.D for layer in layers.values()]  # the content half of every layer
     # The content stage learns the content in D (its own half); B, the other half, learns from
@@ -1191,9 +1199,10 @@ PROMPTS = {"content": "a photo of snq object", "style": "an image in w@z style",
 # the earlier ones).
 RUN = ("model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum",
        "max_grad_norm", "content", "style", "content_prompt", "style_prompt", "aux_style",
-       "aux_content", "no_orth_prior", "no_mcp", "dtype", "guidance")
-STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "lr", "aux_lr"),
-          "make": ("steps", "lr", "aux_lr", "make_steps", "make_lr", "no_precondition")}
+       "aux_content", "no_orth_prior", "prior_scale", "no_mcp", "dtype", "guidance")
+STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "style_lr", "aux_lr"),
+          "make": ("steps", "lr", "style_lr", "aux_lr", "make_steps", "make_lr",
+                   "no_precondition")}
 
 
 class Interrupted(Exception):
@@ -1266,7 +1275,10 @@ def parse_args(argv):
         p.add("--make-steps", "make fine-tuning steps; 0 = exact reassembly", type=STEPS)
         p.add("--batch-size", type=POSITIVE_INT)
         p.add("--grad-accum", type=POSITIVE_INT)
-        p.add("--lr", "the stage's own half", type=POSITIVE)
+        p.add("--lr", "the stage's own half (the content stage's, and the style stage's unless "
+                      "--style-lr)", type=POSITIVE)
+        p.add_argument("--style-lr", type=POSITIVE, help="the style stage's own half (default: "
+                                                         "--lr)")
         p.add("--aux-lr", "the other half, on the auxiliary sets", type=POSITIVE)
         p.add("--make-lr", type=POSITIVE)
         p.add("--max-grad-norm", "clip each trained half's gradient norm; 0 = off",
@@ -1283,6 +1295,8 @@ def parse_args(argv):
         p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
         p.add_argument("--no-orth-prior", action="store_true",
                        help="ablation: A, C drawn independently")
+        p.add_argument("--prior-scale", type=POSITIVE, default=1.0,
+                       help="multiply A, C and D's init (default 1: the official construction)")
         p.add_argument("--no-mcp", action="store_true",
                        help="ablation: no auxiliary loss in the break stages")
         p.add_argument("--no-precondition", action="store_true",
@@ -1312,6 +1326,7 @@ def parse_args(argv):
         for key, value in {**DEFAULTS, **(TINY if args.model in PRESETS else {})}.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        args.style_lr = args.style_lr or args.lr
     args.prompt = args.prompt or (None if sample else PROMPTS["make"])
     return args
 
@@ -1338,6 +1353,7 @@ def check_baseline(args):
         return
     given = {"--content-scale": args.content_scale != 1, "--style-scale": args.style_scale != 1,
              "--scale-grid": args.scale_grid}
+    given["--prior-scale"] = getattr(args, "prior_scale", 1) != 1
     for key in ("aux_style", "aux_content", "no_orth_prior", "no_mcp", "no_precondition"):
         given["--" + key.replace("_", "-")] = getattr(args, key, None)
     for flag in (f for f, v in given.items() if v):
@@ -1483,13 +1499,14 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
         print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
     loop = CheckpointedLoop(stage, path, settings, args.checkpoint_every, asked, state)
     unet, prefix = denoiser_of(pipe)  # the UNet, or SD3's / FLUX's transformer
+    lr = args.style_lr if stage == "style" else args.lr
     kw = dict(rank=args.rank, seed=args.seed, grad_accum=args.grad_accum,
               max_grad_norm=args.max_grad_norm, loop=loop, prefix=prefix)
     try:
         if args.baseline == "lora-merge" and stage == "make":
             result = merge_loras(adapters["content"], adapters["style"]), []
         elif args.baseline == "lora-merge":
-            result = lora_stage(stage, unet, loss, data[stage], steps=args.steps, lr=args.lr, **kw)
+            result = lora_stage(stage, unet, loss, data[stage], steps=args.steps, lr=lr, **kw)
         elif stage == "make":
             result = make_stage(unet, loss, data["content"], data["style"], adapters["content"],
                                 adapters["style"], steps=args.make_steps, lr=args.make_lr,
@@ -1498,8 +1515,9 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
             prior = random_prior if args.no_orth_prior else orthogonal_prior
             aux = data["aux_style" if stage == "content" else "aux_content"]
             result = break_stage(stage, unet, loss, data["content"], data["style"], aux,
-                                 steps=args.steps, lr=args.lr, aux_lr=args.aux_lr,
-                                 mcp=not args.no_mcp, prior=prior, **kw)
+                                 steps=args.steps, lr=lr, aux_lr=args.aux_lr,
+                                 mcp=not args.no_mcp, prior=prior,
+                                 prior_scale=args.prior_scale, **kw)
     except FloatingPointError as e:
         raise UsageError(f"{stage} stage, {e}; lower --lr/--aux-lr/--make-lr (finished stages "
                          f"are kept)") from None

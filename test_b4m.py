@@ -227,6 +227,20 @@ def test_random_prior_breaks_the_identity_at_the_same_scale():
     assert G.diagonal().mean().item() == pytest.approx(1.0, abs=0.25)  # same scale, not orthonormal
 
 
+def test_prior_scale_multiplies_A_C_and_D_and_the_identity_by_its_square():
+    plain, scaled, one = b4m.add_plp(tiny_unet(), 4, 0), b4m.add_plp(tiny_unet(), 4, 0, scale=0.5), \
+        b4m.add_plp(tiny_unet(), 4, 0, scale=1.0)
+    for name, layer in scaled.items():
+        ref = plain[name]
+        for block in ("A", "C", "D"):  # x 0.5 is exact in binary floating point
+            assert torch.equal(getattr(layer, block), 0.5 * getattr(ref, block)), (name, block)
+            assert torch.equal(getattr(one[name], block), getattr(ref, block))  # 1.0: the same bits
+        assert not layer.B.any()
+        A, C = layer.A.double(), layer.C.double()
+        assert torch.allclose(A.T @ A + C @ C.T, 0.25 * torch.eye(4, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(layer.delta_weight(), 0.25 * ref.delta_weight(), atol=1e-7)
+
+
 @pytest.mark.parametrize("rank", [0, -1, 12])
 def test_bad_rank_raises(rank):
     with pytest.raises(ValueError, match="rank must be between 1 and"):
@@ -673,6 +687,9 @@ def bad_inputs(tmp):
         (["--out", tmp / "afile"], None, ["--out", "is a file"]),
         (["--baseline", "lora-merge", "--style-scale", "0.5"], None, ["--style-scale", "only for B4M", "lora-merge"]),
         (["--baseline", "lora-merge", "--no-mcp"], None, ["--no-mcp", "only for B4M", "lora-merge"]),
+        (["--baseline", "lora-merge", "--prior-scale", "0.5"], None, ["--prior-scale", "only for B4M"]),
+        (["--prior-scale", "0"], None, ["--prior-scale", "must be > 0, got 0"]),
+        (["--style-lr", "-1"], None, ["--style-lr", "must be > 0, got -1"]),
         (["--bogus"], None, ["unrecognized arguments: --bogus"]),
         ([], latin1, ["--content", "prompt.txt: not UTF-8 text"]),
         (["--max-grad-norm", "-1"], None, ["--max-grad-norm", "must be >= 0"]),
@@ -694,7 +711,7 @@ def test_bad_inputs_one_line_exit_2_before_any_model_loads(tmp_path, capsys, no_
         assert code == 2 and last.startswith("b4m: error: "), (extra, err)
         assert all(w in last for w in map(str, words)), (words, last)
         assert not (tmp_path / "out").exists()
-    assert len(cases) == 33
+    assert len(cases) == 36
 
 
 def test_corrupt_images_are_named_and_skipped(tmp_path, capsys):
@@ -816,6 +833,40 @@ def test_resume_keeps_finished_stages_and_refuses_other_settings(sd_run, tmp_pat
     assert (out / "b4m" / b4m.WEIGHTS).read_bytes() == made  # the same make, redone
     assert (out / "losses.csv").read_text() == (sd_run / "losses.csv").read_text()
     assert set(json.loads((out / "report.json").read_text())["seconds"]) == {"content", "style", "b4m"}
+
+
+def test_style_lr_is_the_style_stages_and_resume_redoes_only_what_it_changes(sd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(sd_run, out)
+    content = (out / "content" / b4m.WEIGHTS).read_bytes()
+    style = load(out / "style" / b4m.WEIGHTS)
+    argv = ["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny", "--out", out,
+            *FAST, "--steps", "3", "--num-samples", "2", "--resume", "--style-lr", "1e-2"]
+    code, err = run_b4m(argv, capsys)
+    assert code == 0, err
+    # the content stage does not depend on the style stage's lr; the style stage and make do
+    assert "content: kept" in err and "style: kept" not in err
+    assert (out / "content" / b4m.WEIGHTS).read_bytes() == content
+    new = load(out / "style" / b4m.WEIGHTS)
+    assert any(not torch.equal(new[k], style[k]) for k in style)
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert (settings["lr"], settings["style_lr"]) == (1e-4, 1e-2)
+    assert json.loads((sd_run / "config.json").read_text())["settings"]["style_lr"] == 1e-4  # default: --lr
+
+
+def test_prior_scale_in_a_run_scales_the_saved_scaffold(sd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--steps", "3", "--num-samples", "2", "--prior-scale", "0.5"], capsys)
+    assert code == 0, err
+    for stage in ("content", "style", "b4m"):
+        ours, ref = load(out / stage / b4m.WEIGHTS), load(sd_run / stage / b4m.WEIGHTS)
+        for key in (k for k in ours if k.endswith("lora_B.weight")):  # U = [A; B]
+            m_f = ours[key].shape[0] // 2
+            assert torch.equal(ours[key][:m_f], 0.5 * ref[key][:m_f]), (stage, key)  # A, frozen
+    code, err = run_b4m(["--content", EXAMPLES / "content", "--style", EXAMPLES / "style", "--model", "tiny",
+                         "--out", out, *FAST, "--steps", "3", "--num-samples", "2", "--resume"], capsys)
+    assert code == 2 and "prior_scale (was 0.5, now 1.0)" in err
 
 
 def test_overwrite_replaces_a_run(sd_run, tmp_path, capsys):
@@ -1661,6 +1712,67 @@ def test_validation_and_test_pairs_never_overlap_and_are_all_new_in_v2():
     assert all(own not in ("checker", "neon", "zebra") for _, own, _ in test | validation)  # a known style
 
 
+def test_regime_with_a_prior_scale_shrinks_the_init_by_its_square(toy_pipe):
+    plain, scaled = toyworld.regime(toy_pipe.unet, 16), toyworld.regime(toy_pipe.unet, 16, scale=0.5)
+    for a, b in zip(plain, scaled):
+        assert (a["type"], a["r/m_f"], a["B rows"]) == (b["type"], b["r/m_f"], b["B rows"])
+        for key in ("|dW_init|", "|dW_init|/|W0|", "|AC|/|W0_AC|"):
+            assert b[key] == pytest.approx(a[key] / 4, abs=1e-3), key
+
+
+def search_record(both):
+    """A record whose search runs all scored, both-right taken from both[method][setting][pair]."""
+    runs = {}
+    for method, settings in toyworld.SEARCH.items():
+        for i in range(len(settings)):
+            for j, (a, _, c) in enumerate(toyworld.SEARCH_PAIRS):
+                scores = dict.fromkeys(toyworld.SCORES, 0.5)
+                runs[f"search/{method}/{i}/{a}-{c}/seed0"] = {**scores, "both": both[method][i][j]}
+    return {"runs": runs}
+
+
+def test_compare_searches_validation_pairs_only_and_chooses_by_mean_both_right():
+    assert all(p in toyworld.VALIDATION_PAIRS for p in toyworld.SEARCH_PAIRS)
+    assert len({len(s) for s in toyworld.SEARCH.values()}) == 1  # the same budget for every method
+    record = search_record({"b4m": [[0.125, 0.125], [0.0, 0.5], [0.25, 0.25], [0.25, 0.0]],
+                            "lora-merge": [[0.5, 0.5], [0.5, 0.5], [0.0, 0.0], [0.75, 0.0]]})
+    chosen, rows = toyworld.choose(record)
+    assert chosen == {"b4m": toyworld.SEARCH["b4m"][1], "lora-merge": toyworld.SEARCH["lora-merge"][0]}  # first on a tie
+    assert [r["both"] for r in rows if r["method"] == "b4m"] == [0.125, 0.25, 0.25, 0.125]
+    del record["runs"]["search/lora-merge/3/arrow-zebra/seed0"]
+    assert toyworld.choose(record)[0]["lora-merge"] is None  # unfinished: nothing chosen
+    for phase in ("test", "ablations"):
+        with pytest.raises(SystemExit, match="run --phase search first"):
+            toyworld.plan(phase, record, [0])
+    searched = {tuple(run[3]) for group in toyworld.plan("search", record, [0]) for run in group}
+    assert searched == set(toyworld.SEARCH_PAIRS) and not searched & set(toyworld.TEST_PAIRS)
+    record["chosen"] = chosen
+    test = [run for group in toyworld.plan("test", record, [0, 1, 2, 3, 4]) for run in group]
+    assert len(test) == 5 * len(toyworld.TEST_PAIRS) * 2 and {tuple(r[3]) for r in test} == set(toyworld.TEST_PAIRS)
+    for key, method, flags, *_ in test:  # every run's flags are b4m.py's, at the chosen setting
+        args = b4m.parse_args(["--content", "c", "--style", "s", *flags, *toyworld.METHODS[method]])
+        setting = chosen["lora-merge" if method == "lora-merge" else "b4m"]
+        assert (args.lr, args.style_lr, args.rank, args.steps) == (setting["lr"], setting["style_lr"], 8, 150), key
+        assert args.prior_scale == setting.get("prior_scale", 1.0)
+
+
+def test_compare_skips_the_runs_its_record_holds(tmp_path, monkeypatch, capsys, evaluator):
+    """A search whose every run is in the record runs nothing and writes the choice (no b4m.py
+    call: one would fail on the missing image sets)."""
+    record = search_record({m: [[0.1 * i, 0.0] for i in range(4)] for m in toyworld.SEARCH})
+    monkeypatch.setattr(toyworld, "RECORD", tmp_path / "compare.json")
+    monkeypatch.setattr(toyworld, "ROOT", tmp_path)  # compare.md goes here
+    toyworld.RECORD.write_text(json.dumps(record))
+    monkeypatch.setattr(toyworld, "b4m", lambda *a, **k: pytest.fail("ran b4m.py"))
+    try:
+        toyworld.main(["compare", "--phase", "search", "--out", str(tmp_path / "runs")])
+    finally:
+        toyworld.use_world("v1")
+    saved = json.loads(toyworld.RECORD.read_text())
+    assert saved["runs"] == record["runs"] and saved["chosen"] == {m: s[3] for m, s in toyworld.SEARCH.items()}
+    assert "| b4m | " in (tmp_path / "compare.md").read_text()
+
+
 def test_bootstrap_interval_on_a_hand_made_example():
     assert toyworld.bootstrap([0.5] * 6) == (0.5, 0.5, 0.5)  # no spread, no interval
     # 4 cells: a resample's mean is k/4, k ~ Binomial(4, 1/2): P(k = 0) = P(k = 4) = 1/16 > 2.5 %,
@@ -1690,7 +1802,8 @@ def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["score", "no/such/folder"], "score: no/such/folder is not a folder; give a folder of PNG images"),
     (["compare", "--jobs", "0"], "argument --jobs: must be a whole number >= 1, got 0"),
-    (["compare", "--pairs", "3"], "argument --pairs: invalid choice: 3 (choose from 1, 2)"),
+    (["compare", "--phase", "all"], "argument --phase: invalid choice: 'all' (choose from search, test, ablations, "
+                                     "old, report)"),
     (["draw", "--shape", "heart", "--style", "red", "--n", "x", "--out", "x"], "argument --n: must be a whole number >= 1, got x")])
 def test_toyworld_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -23,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -434,13 +435,14 @@ def sample(pipe, prompt, n, seed, steps=25):
 # ---------------------------------------------------------------------------------------------
 
 
-def regime(unet, rank, seed=0):
+def regime(unet, rank, seed=0, scale=1.0):
     """How large a B4M adapter is against the model, per adapted layer type (self- or
     cross-attention projection, m x n): r / m_f, r / n_f, the rows of the style half B (m - m_f)
     and the columns of the content half D (n - n_f), and the size of the PLP at initialisation
     (b4m's construction: A, C from the orthogonal prior, B = 0, D ~ N(0, 1/r^2)) against the frozen
     weights, ||dW_init||_F / ||W0||_F and ||A C||_F / ||W0[:m_f, :n_f]||_F, averaged over the
-    layers of the type (None where W0 holds no values, as on the meta device)."""
+    layers of the type (None where W0 holds no values, as on the meta device). scale: b4m's
+    --prior-scale, which multiplies A, C and D (dW_init by scale^2)."""
     sys.path.insert(0, str(HERE.parent))
     import b4m
 
@@ -455,6 +457,7 @@ def regime(unet, rank, seed=0):
         generator = b4m.seeded(seed, name)  # as add_plp draws it
         A, C = b4m.orthogonal_prior(m, n, rank, generator)
         D = torch.randn(rank, n - n_f, generator=generator, dtype=torch.float64) / rank
+        A, C, D = scale * A, scale * C, scale * D
         dW = torch.cat([torch.cat([A @ C, A @ D], 1), torch.zeros(m - m_f, n, dtype=torch.float64)])
         row = rows.setdefault((kind, m, n), {"type": kind, "shape": f"{m}x{n}", "layers": 0,
                                              "r/m_f": rank / m_f, "r/n_f": rank / n_f,
@@ -513,8 +516,10 @@ REUSE_BREAK = {"no-precondition", "make-steps-0"}  # they change make only: b4m'
 # same pairs); the five with crescent or zebra are for choosing settings and never scored.
 TEST_PAIRS = [("heart", "blue", "checker"), ("heart", "blue", "neon"), ("arrow", "red", "checker"),
               ("arrow", "red", "neon")]
-VALIDATION_PAIRS = [("crescent", "outline", "checker"), ("crescent", "outline", "neon"),
-                    ("crescent", "outline", "zebra"), ("heart", "blue", "zebra"), ("arrow", "red", "zebra")]
+# The crescent's content set is red: in outline style (its first choice) the 32-px rim carried so
+# little of the shape that neither method's content stage drew it in a 300-step probe (0 and 6 %).
+VALIDATION_PAIRS = [("crescent", "red", "checker"), ("crescent", "red", "neon"),
+                    ("crescent", "red", "zebra"), ("heart", "blue", "zebra"), ("arrow", "red", "zebra")]
 
 
 def bootstrap(values, resamples=10000, seed=0, level=0.95):
@@ -552,13 +557,17 @@ def b4m(*argv, threads=None):
     subprocess.run([sys.executable, str(HERE.parent / "b4m.py"), *argv], check=True, env=env)
 
 
-def run_method(method, out, content, style, seed, n, threads=None):
+def run_method(method, out, content, style, seed, n, flags=None, threads=None):
+    """One b4m.py run of `method` in out/method (flags: the run's settings, default the old
+    regime's B4M_FLAGS); a finished run is kept. The ablations that change only make reuse the
+    break stages of out/b4m when that run is there (--resume), else train their own (the same
+    seed draws the same break stages)."""
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
     common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
-              *B4M_FLAGS, "--num-samples", str(n), "--out", str(run)]
-    if method in REUSE_BREAK:
+              *(B4M_FLAGS if flags is None else flags), "--num-samples", str(n), "--out", str(run)]
+    if method in REUSE_BREAK and (out / "b4m" / "style" / "adapter_model.safetensors").exists():
         run.mkdir(parents=True, exist_ok=True)
         for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
             src = out / "b4m" / part  # copied again over an interrupted earlier attempt
@@ -584,43 +593,212 @@ def score_run(run, shape, own_style, new_style, n, model):
             "style_stage_style": share("style", lambda g: g[1] == new_style)}
 
 
-def cmd_compare(args):
-    """Every (pair, seed) cell runs its methods in order; --jobs cells at once, one thread each
-    (on 2 cores, two 1-thread b4m runs side by side took 1.27 times as long as one 2-thread run)."""
-    out, model, t0 = Path(args.out), load_evaluator(), time.time()
-    cells = [(pair, image_sets(out / "sets", *pair), seed, out / f"{pair[0]}-{pair[2]}" / f"seed{seed}")
-             for pair in COMPARE_PAIRS[:args.pairs] for seed in args.seeds]
+SCORES = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape", "style_stage_style"]
 
-    def run_cell(cell):
-        _, (content, style), seed, folder = cell
-        for method in args.methods:
-            run_method(method, folder, content, style, seed, args.n, threads=1 if args.jobs > 1 else None)
-        print(f"{folder.relative_to(out)} done, {time.time() - t0:.0f}s", flush=True)
+# ---------------------------------------------------------------------------------------------
+# 5. The comparison in v2 (issue 17): the same search for every method, then the test pairs
+# ---------------------------------------------------------------------------------------------
+
+# Every scored run, committed with the repository: `compare` skips the runs it holds, so a stopped
+# comparison continues, in this checkout (run folders in --out) or a new one (this file).
+RECORD = ROOT / "compare.json"
+# What every v2 run shares. Rank 8: r / m_f <= 0.25 in every adapted layer (SDXL at rank 64: 0.1-0.2).
+# 150 steps per break stage (per LoRA of the merge) and 50 of make, batch 8: so that the quick
+# start, the chosen B4M settings, fits in 4 minutes on 2 cores.
+V2_FLAGS = ["--resolution", "32", "--rank", "8", "--steps", "150", "--make-steps", "50", "--batch-size", "8",
+            "--grad-accum", "1", "--make-lr", "3e-4"]
+# The search: the same budget for both methods, 4 settings, each run once (seed 0) on each search
+# pair, at the same steps and rank (so B4M trains half the entries a LoRA of the merge trains: B
+# and D of U and V). Chosen by both-right of the combined prompt, averaged over the search pairs.
+# B4M: its two break stages' own lrs (the auxiliary lr a tenth of the content stage's, the
+# official ratio 1e-4 / 1e-5) and --prior-scale, only at sizes that keep the init at most
+# SDXL's estimated 0.2-0.3 of W0 (scale 0.7: 0.16-0.21 in v2; 0.5: 0.08-0.11). A step on D reaches
+# the output through A (on B through C), and Adam's step does not grow with the gradient, so a
+# scaffold s times smaller asks about 1/s times the lr: the lrs grow as the scale shrinks.
+SEARCH_PAIRS = [("crescent", "red", "neon"), ("arrow", "red", "zebra")]  # from VALIDATION_PAIRS
+SEARCH = {"b4m": [dict(prior_scale=0.7, lr=6e-3, style_lr=3e-3), dict(prior_scale=0.7, lr=6e-3, style_lr=6e-3),
+                  dict(prior_scale=0.5, lr=8e-3, style_lr=4e-3), dict(prior_scale=0.5, lr=8e-3, style_lr=8e-3)],
+          "lora-merge": [dict(lr=4e-3, style_lr=1.5e-3), dict(lr=4e-3, style_lr=3e-3),
+                         dict(lr=8e-3, style_lr=1.5e-3), dict(lr=8e-3, style_lr=3e-3)]}
+TEST_SEEDS = [0, 1, 2, 3, 4]
+ABLATIONS = ["no-mcp", "no-orth-prior", "no-precondition", "make-steps-0"]
+RECORD_LOCK = threading.Lock()
+
+
+def setting_flags(method, setting):
+    """A searched setting as b4m.py flags, after V2_FLAGS."""
+    flags = [*V2_FLAGS, "--lr", f"{setting['lr']:g}", "--style-lr", f"{setting['style_lr']:g}"]
+    if method == "lora-merge":
+        return flags
+    return [*flags, "--aux-lr", f"{setting['lr'] / 10:g}", "--prior-scale", f"{setting['prior_scale']:g}"]
+
+
+def read_record():
+    return json.loads(RECORD.read_text()) if RECORD.exists() else {"runs": {}}
+
+
+def write_record(update):
+    """update(record) under a lock, then the file replaced whole (a kill keeps the last one)."""
+    with RECORD_LOCK:
+        record = read_record()
+        update(record)
+        RECORD.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(RECORD.with_suffix(".tmp"), RECORD)
+
+
+def choose(record):
+    """Per method, the searched setting with the highest mean both-right over SEARCH_PAIRS (the
+    first on a tie), or None while its search is unfinished; and the search's summary rows."""
+    chosen, rows = {}, []
+    for method, settings in SEARCH.items():
+        best = None
+        for i, setting in enumerate(settings):
+            runs = [record["runs"].get(f"search/{method}/{i}/{a}-{c}/seed0") for a, _, c in SEARCH_PAIRS]
+            if None in runs:
+                best = None
+                break
+            mean = {k: sum(r[k] for r in runs) / len(runs) for k in SCORES}
+            rows.append({"method": method, "setting": setting, "both_per_pair": [r["both"] for r in runs], **mean})
+            if best is None or mean["both"] > best[0]:
+                best = (mean["both"], setting)
+        chosen[method] = best and best[1]
+    return chosen, rows
+
+
+def plan(phase, record, seeds):
+    """The phase's runs, in order, as groups run one after the other (a cell's B4M run before the
+    ablations that reuse its break stages): [[(key, method, flags, pair, seed, folder)]]."""
+    name = lambda pair: f"{pair[0]}-{pair[2]}"
+    if phase == "search":
+        return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting), pair, 0,
+                  Path("search") / name(pair) / f"setting{i}")]
+                for pair in SEARCH_PAIRS for method in SEARCH for i, setting in enumerate(SEARCH[method])]
+    if phase == "old":  # v1 and the quick start's old flags (B4M_FLAGS), on the same test pairs
+        return [[(f"old/{method}/{name(pair)}/seed{seed}", method, None, pair, seed, Path("old") / name(pair) / f"seed{seed}")
+                 for method in ("b4m", "lora-merge")] for seed in seeds for pair in TEST_PAIRS]
+    chosen = record.get("chosen", {})
+    if not all(chosen.get(m) for m in SEARCH):
+        raise SystemExit(f"compare --phase {phase}: no chosen settings in {RECORD}; run --phase search first")
+    methods = ["b4m", "lora-merge"] if phase == "test" else ["b4m", *ABLATIONS]  # b4m: kept when scored
+    flags = lambda m: setting_flags("lora-merge", chosen["lora-merge"]) if m == "lora-merge" else \
+        setting_flags("b4m", chosen["b4m"])
+    return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed, Path("test") / name(pair) / f"seed{seed}")
+             for m in methods] for seed in seeds for pair in TEST_PAIRS]
+
+
+def import_v1(record):
+    """The first comparison's runs (examples/toyworld/compare-v1.json: v1, B4M_FLAGS, the same
+    image sets and seeds) as the old phase's, for the two test pairs it ran."""
+    v1 = json.loads((ROOT / "compare-v1.json").read_text())
+    for r in v1["results"]:
+        if r["method"] in ("b4m", "lora-merge"):
+            key = f"old/{r['method']}/{r['pair'][0]}-{r['pair'][1]}/seed{r['seed']}"
+            record["runs"].setdefault(key, {**{k: r[k] for k in SCORES}, "imported": "compare-v1.json"})
+
+
+def cmd_compare(args):
+    """--phase search, then test (B4M and the merge at their chosen settings), ablations, old (v1);
+    --jobs groups at once, one thread each (on 2 cores, two 1-thread b4m runs side by side took
+    1.27 times as long as one 2-thread run). report: compare.md and the tables from the record."""
+    if args.phase == "report":
+        return report(read_record())
+    use_world("v1" if args.phase == "old" else "v2")
+    out, model, t0 = Path(args.out), load_evaluator(), time.time()
+    if args.phase == "old":
+        write_record(import_v1)
+    groups = plan(args.phase, read_record(), args.seeds)
+
+    def run_group(group):
+        for key, method, flags, pair, seed, folder in group:
+            if key in read_record()["runs"]:
+                continue
+            content, style = image_sets(out / f"sets-{WORLD}", *pair)
+            started = time.time()
+            run = run_method(method, out / folder, content, style, seed, args.n, flags,
+                             threads=1 if args.jobs > 1 else None)
+            result = {**score_run(run, *pair, args.n, model), "seconds": round(time.time() - started),
+                      "flags": B4M_FLAGS if flags is None else flags, "method_flags": METHODS[method],
+                      "samples": args.n}
+            write_record(lambda record: record["runs"].__setitem__(key, result))
+            print(f"{key}: both {result['both']:.2f}, {result['seconds']} s ({time.time() - t0:.0f} s in all)",
+                  flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run_cell, cells))
-    results = [{"method": method, "pair": [shape, new_style], "seed": seed,
-                **score_run(folder / method, shape, own_style, new_style, args.n, model)}
-               for (shape, own_style, new_style), _, seed, folder in cells for method in args.methods]
-    keys = [k for k in results[0] if k not in ("method", "pair", "seed")]  # score_run's, in its order
-    table = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for method in args.methods:
-        v = torch.tensor([[r[k] for k in keys] for r in results if r["method"] == method])
-        table.append(f"| {method} | " + " | ".join(f"{m:.2f} ± {d:.2f}" for m, d in zip(v.mean(0), v.std(0, unbiased=False))) + " |")
-    setup = {"pairs": COMPARE_PAIRS[:args.pairs], "seeds": args.seeds, "samples_per_cell": args.n, "jobs": args.jobs,
-             "flags": B4M_FLAGS, "seconds": round(time.time() - t0)}
-    (out / "compare.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
-    (out / "compare.md").write_text("\n".join(table) + "\n\nmean ± spread (population std) over pairs and seeds; "
-                                    f"{args.n} samples of 'a snq object in w@z style' per cell.\n")
-    k = min(8, args.n)  # one row per method: the first cell's first k combined-prompt samples
-    grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(args.methods)), "white")
-    d = ImageDraw.Draw(grid)
-    for j, method in enumerate(args.methods):
-        d.text((2, j * SIZE + 10), method, fill="black")
-        for i in range(k):
-            grid.paste(Image.open(cells[0][3] / method / "samples" / f"b4m_{i}.png"), (4 * SIZE + i * SIZE, j * SIZE))
-    grid.save(out / "compare.png")
-    print("\n".join(table))
+        list(pool.map(run_group, groups))
+    if args.phase == "search":
+        write_record(lambda record: record.__setitem__("chosen", choose(record)[0]))
+    write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
+        args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
+    report(read_record())
+
+
+def table(record, phase, methods):
+    """Markdown rows: each method's mean [95 % bootstrap interval] of every score over its
+    (pair, seed) cells; then B4M minus the merge, cell by cell, over the cells both have."""
+    cells = {}
+    for key, r in record["runs"].items():
+        part, method, *_, pair, seed = key.split("/")  # search keys hold the setting too
+        if part == phase:
+            cells.setdefault(method, {})[(pair, seed)] = r
+    fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+    rows = ["| method | cells | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
+    for method in (m for m in methods if m in cells):
+        runs = list(cells[method].values())
+        rows.append(f"| {method} | {len(runs)} | " + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES)
+                    + " |")
+    if "b4m" in cells and "lora-merge" in cells:
+        both = sorted(set(cells["b4m"]) & set(cells["lora-merge"]))
+        diff = [fmt(*paired_difference([cells["b4m"][c][k] for c in both], [cells["lora-merge"][c][k] for c in both]))
+                for k in SCORES]
+        rows.append(f"| B4M − merge (paired) | {len(both)} | " + " | ".join(diff) + " |")
+    return rows, cells
+
+
+def gate_c(record, cells):
+    """Gate (c) per method: the share of each single stage's own-prompt samples that show its own
+    new concept, per held-out shape and style, pooled over seeds (test pairs) or from the search
+    runs at the chosen setting (crescent, zebra: validation pairs only)."""
+    chosen = record.get("chosen", {})
+    rows = ["| method | " + " | ".join(HELD_OUT_SHAPES + HELD_OUT_STYLES) + " |",
+            "|---" * (1 + len(HELD_OUT_SHAPES + HELD_OUT_STYLES)) + "|"]
+    for method in ("b4m", "lora-merge"):
+        runs = [(pair.split("-"), r) for (pair, _), r in cells.get(method, {}).items()]
+        if chosen.get(method):
+            i = SEARCH[method].index(chosen[method])
+            runs += [((a, c), record["runs"][f"search/{method}/{i}/{a}-{c}/seed0"]) for a, _, c in SEARCH_PAIRS]
+        shares = []
+        for concept in HELD_OUT_SHAPES + HELD_OUT_STYLES:
+            kind = 0 if concept in HELD_OUT_SHAPES else 1
+            got = [r["content_stage_shape" if kind == 0 else "style_stage_style"] for pair, r in runs
+                   if pair[kind] == concept]
+            shares.append(f"{sum(got) / len(got):.2f} ({len(got)})" if got else "n/a")
+        rows.append(f"| {method} | " + " | ".join(shares) + " |")
+    return rows
+
+
+def report(record):
+    """compare.md: the search, the test table with B4M − merge, gate (c), the old regime's table."""
+    use_world("v2")
+    chosen, search_rows = choose(record)
+    lines = ["## Search (validation pairs " + ", ".join(f"{a} + {c}" for a, _, c in SEARCH_PAIRS) + "; seed 0)", "",
+             "| method | setting | both (mean) | both per pair | content stage | style stage | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    for r in search_rows:
+        mark = "yes" if chosen.get(r["method"]) == r["setting"] else ""
+        per_pair = ", ".join(f"{b:.2f}" for b in r["both_per_pair"])
+        lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | {per_pair} | "
+                     f"{r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} | {mark} |")
+    rows, cells = table(record, "test", ["b4m", "lora-merge", *ABLATIONS])
+    lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
+              "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
+              *gate_c(record, cells)]
+    use_world("v1")
+    rows, _ = table(record, "old", ["b4m", "lora-merge"])
+    lines += ["", "## Old regime: v1, the quick start's old flags (B4M_FLAGS)", "", *rows,
+              "", f"wall time of compare, per phase (s): {json.dumps(record.get('wall_seconds', {}))}"]
+    use_world("v2")
+    (ROOT / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def cmd_train(args):
@@ -722,12 +900,11 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--world", choices=list(WORLDS), default="v1")
     c = sub.add_parser("compare")
-    c.add_argument("--out", default="runs/toyworld-compare")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    c.add_argument("--pairs", type=int, choices=range(1, len(COMPARE_PAIRS) + 1), default=len(COMPARE_PAIRS))
-    c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
+    c.add_argument("--out", default="runs/toyworld-compare", help="the run folders")
+    c.add_argument("--seeds", type=int, nargs="+", default=TEST_SEEDS, help="test, ablations, old")
     c.add_argument("--n", type=positive, default=32, help="samples of each prompt per run")
-    c.add_argument("--jobs", type=positive, default=2, help="cells run side by side, one thread each")
+    c.add_argument("--jobs", type=positive, default=2, help="runs side by side, one thread each")
     args = p.parse_args(argv)
     use_world(getattr(args, "world", "v1"))
     if args.command == "score" and not Path(args.dir).is_dir():
