@@ -12,8 +12,8 @@ comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's 
     python examples/toyworld.py score DIR
     python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2]  (reproduces toyworld/)
     python examples/toyworld.py gates [--n N] [--world v1|v2]
-    python examples/toyworld.py regime [--world v1|v2] [--rank R]        (adapter size against the model)
-    python examples/toyworld.py compare [--seeds 0 1 2] [--n 32] [--jobs 2]
+    python examples/toyworld.py regime [--world v1|v2] [--rank R] [--prior-scale S]  (adapter against model)
+    python examples/toyworld.py compare --phase search|test|ablations|old|report [--seeds ...] [--jobs 2]
 """
 import argparse
 import json
@@ -727,6 +727,8 @@ def cmd_compare(args):
         list(pool.map(run_group, groups))
     if args.phase == "search":
         write_record(lambda record: record.__setitem__("chosen", choose(record)[0]))
+    if args.phase in ("test", "ablations"):
+        picture(out / "test" / "heart-checker" / f"seed{args.seeds[0]}")
     write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
         args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
     report(read_record())
@@ -774,6 +776,20 @@ def gate_c(record, cells):
             shares.append(f"{sum(got) / len(got):.2f} ({len(got)})" if got else "n/a")
         rows.append(f"| {method} | " + " | ".join(shares) + " |")
     return rows
+
+
+def picture(cell, k=8):
+    """compare.png: a row per method of the cell's first k combined-prompt samples."""
+    methods = [m for m in ["b4m", "lora-merge", *ABLATIONS] if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
+    if not methods:
+        return
+    grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(methods)), "white")
+    d = ImageDraw.Draw(grid)
+    for j, method in enumerate(methods):
+        d.text((2, j * SIZE + 10), method, fill="black")
+        for i in range(k):
+            grid.paste(Image.open(cell / method / "samples" / f"b4m_{i}.png"), ((4 + i) * SIZE, j * SIZE))
+    grid.save(ROOT / "compare.png")
 
 
 def report(record):
@@ -841,9 +857,10 @@ def cmd_regime(args):
             "|AC|/|W0_AC|"]
     labels = [k.replace("|", "‖") for k in keys]  # a bare | would split a markdown cell
     print("| model | " + " | ".join(labels) + " |\n" + "|---" * (len(keys) + 1) + "|")
-    for label, unet, rank in [(f"toy {WORLD}, r={args.rank}", load_model().unet, args.rank),
-                              ("SDXL, r=64", sdxl_unet_on_meta(), 64)]:
-        for row in regime(unet, rank):
+    scale = f", scale {args.prior_scale:g}" if args.prior_scale != 1 else ""
+    for label, unet, rank, s in [(f"toy {WORLD}, r={args.rank}{scale}", load_model().unet, args.rank, args.prior_scale),
+                                 ("SDXL, r=64", sdxl_unet_on_meta(), 64, 1.0)]:
+        for row in regime(unet, rank, scale=s):
             cells = ["n/a" if row[k] is None else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
                      for k in keys]
             print(f"| {label} | " + " | ".join(cells) + " |")
@@ -895,6 +912,7 @@ def main(argv=None):
     r = sub.add_parser("regime")
     r.add_argument("--world", choices=list(WORLDS), default="v1")
     r.add_argument("--rank", type=positive, default=16)
+    r.add_argument("--prior-scale", type=float, default=1.0, help="b4m.py's --prior-scale (the toy model's rows)")
     g = sub.add_parser("gates")
     g.add_argument("--n", type=positive, default=4)
     g.add_argument("--seed", type=int, default=0)
