@@ -612,7 +612,7 @@ V2_FLAGS = ["--resolution", "32", "--rank", "8", "--steps", "150", "--make-steps
 # and D of U and V). Chosen by both-right of the combined prompt, averaged over the search pairs.
 # B4M: its two break stages' own lrs (the auxiliary lr a tenth of the content stage's, the
 # official ratio 1e-4 / 1e-5) and --prior-scale, only at sizes that keep the init at most
-# SDXL's estimated 0.2-0.3 of W0 (scale 0.7: 0.16-0.21 in v2; 0.5: 0.08-0.11). A step on D reaches
+# SDXL's estimated 0.2-0.3 of W0 (scale 0.7: 0.17-0.21 in v2; 0.5: 0.08-0.11). A step on D reaches
 # the output through A (on B through C), and Adam's step does not grow with the gradient, so a
 # scaffold s times smaller asks about 1/s times the lr: the lrs grow as the scale shrinks.
 SEARCH_PAIRS = [("crescent", "red", "neon"), ("arrow", "red", "zebra")]  # from VALIDATION_PAIRS
