@@ -203,7 +203,7 @@ def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
     D's initial draw, so A^T A + C C^T = scale^2 I and the step-0 change dW = [[A C, A D], [0, 0]]
     shrinks by scale^2. Why it is there: the frozen blocks carry the other half's learning (a
     step on D reaches the output through A, one on B through C), and at a low rank in a narrow
-    layer the orthonormal A C is a large part of W0's own corner (0.38-0.85 of its norm in the toy
+    layer the orthonormal A C is a large part of W0's own corner (0.38-0.94 of its norm in the toy
     world's models: README). Not in the paper."""
     layers = {}
     # list(...): the loop replaces modules, so it walks a snapshot of the module tree.
