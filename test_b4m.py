@@ -1773,6 +1773,23 @@ def test_compare_skips_the_runs_its_record_holds(tmp_path, monkeypatch, capsys, 
     assert "| b4m | " in (tmp_path / "compare.md").read_text()
 
 
+def test_make_only_ablations_reuse_a_finished_b4m_run_and_train_their_own_otherwise(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(toyworld, "b4m", lambda *argv, threads=None: calls.append(argv))
+    toyworld.run_method("no-precondition", tmp_path, "c", "s", 0, 2)
+    assert "--overwrite" in calls[-1] and "--resume" not in calls[-1]  # no B4M run to reuse
+    b4m_run = tmp_path / "b4m"
+    for folder in ("content", "style", "samples"):
+        (b4m_run / folder).mkdir(parents=True)
+    for name in ("config.json", "losses.csv", "report.json", "samples/b4m_1.png", "style/x.safetensors"):
+        (b4m_run / name).write_text(name)
+    toyworld.run_method("make-steps-0", tmp_path, "c", "s", 0, 2)
+    assert "--resume" in calls[-1] and calls[-1][-2:] == ("--make-steps", "0")
+    assert (tmp_path / "make-steps-0" / "style" / "x.safetensors").read_text() == "style/x.safetensors"
+    toyworld.run_method("no-mcp", tmp_path, "c", "s", 0, 2)  # changes the break stages: its own
+    assert "--overwrite" in calls[-1] and len(calls) == 3
+
+
 def test_bootstrap_interval_on_a_hand_made_example():
     assert toyworld.bootstrap([0.5] * 6) == (0.5, 0.5, 0.5)  # no spread, no interval
     # 4 cells: a resample's mean is k/4, k ~ Binomial(4, 1/2): P(k = 0) = P(k = 4) = 1/16 > 2.5 %,

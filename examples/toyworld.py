@@ -506,12 +506,11 @@ def cmd_gates(args):
 # content stages draw the new shape at 2e-3 and 3e-3; style stages draw checker best at 1e-3, neon only at 3e-3.
 B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-steps", "50", "--batch-size", "8",
              "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4", "--make-lr", "3e-4"]
-# (content shape, the content set's own known style, new style); the style set: every known shape.
-COMPARE_PAIRS = [("heart", "blue", "checker"), ("arrow", "red", "neon")]
 METHODS = {"b4m": [], "lora-merge": ["--baseline", "lora-merge"], "no-mcp": ["--no-mcp"],
            "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"]}
 REUSE_BREAK = {"no-precondition", "make-steps-0"}  # they change make only: b4m's break stages are kept (--resume)
-# v2's nine new content-style pairs, (new shape, the content set's own known style, new style), split
+# A pair: (new shape, the content set's own known style, new style); the style set: every known shape.
+# v2's nine new content-style pairs, split
 # once: the test pairs are the four that v1 also held out (so the old regime can be scored on the
 # same pairs); the five with crescent or zebra are for choosing settings and never scored.
 TEST_PAIRS = [("heart", "blue", "checker"), ("heart", "blue", "neon"), ("arrow", "red", "checker"),
@@ -567,7 +566,7 @@ def run_method(method, out, content, style, seed, n, flags=None, threads=None):
         return run  # finished by an earlier call: compare can be stopped and started again
     common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
               *(B4M_FLAGS if flags is None else flags), "--num-samples", str(n), "--out", str(run)]
-    if method in REUSE_BREAK and (out / "b4m" / "style" / "adapter_model.safetensors").exists():
+    if method in REUSE_BREAK and (out / "b4m" / "samples" / f"b4m_{n - 1}.png").exists():
         run.mkdir(parents=True, exist_ok=True)
         for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
             src = out / "b4m" / part  # copied again over an interrupted earlier attempt
@@ -680,8 +679,8 @@ def plan(phase, record, seeds):
     if not all(chosen.get(m) for m in SEARCH):
         raise SystemExit(f"compare --phase {phase}: no chosen settings in {RECORD}; run --phase search first")
     methods = ["b4m", "lora-merge"] if phase == "test" else ["b4m", *ABLATIONS]  # b4m: kept when scored
-    flags = lambda m: setting_flags("lora-merge", chosen["lora-merge"]) if m == "lora-merge" else \
-        setting_flags("b4m", chosen["b4m"])
+    searched = lambda m: "lora-merge" if m == "lora-merge" else "b4m"  # ablations: at B4M's settings
+    flags = lambda m: setting_flags(searched(m), chosen[searched(m)])
     return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed, Path("test") / name(pair) / f"seed{seed}")
              for m in methods] for seed in seeds for pair in TEST_PAIRS]
 
@@ -728,7 +727,7 @@ def cmd_compare(args):
     if args.phase == "search":
         write_record(lambda record: record.__setitem__("chosen", choose(record)[0]))
     if args.phase in ("test", "ablations"):
-        picture(out / "test" / "heart-checker" / f"seed{args.seeds[0]}")
+        picture(out / "test" / "heart-checker" / "seed0")  # the README's picture, whichever seeds ran
     write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
         args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
     report(read_record())
@@ -758,8 +757,8 @@ def table(record, phase, methods):
 
 def gate_c(record, cells):
     """Gate (c) per method: the share of each single stage's own-prompt samples that show its own
-    new concept, per held-out shape and style, pooled over seeds (test pairs) or from the search
-    runs at the chosen setting (crescent, zebra: validation pairs only)."""
+    new concept, per held-out shape and style, pooled over the test cells and the search runs at
+    the chosen setting that hold it (crescent and zebra: search runs only)."""
     chosen = record.get("chosen", {})
     rows = ["| method | " + " | ".join(HELD_OUT_SHAPES + HELD_OUT_STYLES) + " |",
             "|---" * (1 + len(HELD_OUT_SHAPES + HELD_OUT_STYLES)) + "|"]
