@@ -1776,18 +1776,26 @@ def test_compare_skips_the_runs_its_record_holds(tmp_path, monkeypatch, capsys, 
 def test_make_only_ablations_reuse_a_finished_b4m_run_and_train_their_own_otherwise(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(toyworld, "b4m", lambda *argv, threads=None: calls.append(argv))
+
+    def finished(run):  # the files a finished b4m.py run leaves, each holding its own path
+        for folder in ("content", "style", "samples"):
+            (run / folder).mkdir(parents=True)
+        for name in ("config.json", "losses.csv", "report.json", "samples/b4m_1.png", "style/x.safetensors"):
+            (run / name).write_text(f"{run.name}/{name}")
+
     toyworld.run_method("no-precondition", tmp_path, "c", "s", 0, 2)
     assert "--overwrite" in calls[-1] and "--resume" not in calls[-1]  # no B4M run to reuse
-    b4m_run = tmp_path / "b4m"
-    for folder in ("content", "style", "samples"):
-        (b4m_run / folder).mkdir(parents=True)
-    for name in ("config.json", "losses.csv", "report.json", "samples/b4m_1.png", "style/x.safetensors"):
-        (b4m_run / name).write_text(name)
+    finished(tmp_path / "no-precondition")  # B4M's folder gone (recorded elsewhere): this one's
     toyworld.run_method("make-steps-0", tmp_path, "c", "s", 0, 2)
     assert "--resume" in calls[-1] and calls[-1][-2:] == ("--make-steps", "0")
-    assert (tmp_path / "make-steps-0" / "style" / "x.safetensors").read_text() == "style/x.safetensors"
+    assert (tmp_path / "make-steps-0" / "style" / "x.safetensors").read_text() == "no-precondition/style/x.safetensors"
     toyworld.run_method("no-mcp", tmp_path, "c", "s", 0, 2)  # changes the break stages: its own
     assert "--overwrite" in calls[-1] and len(calls) == 3
+    cell = tmp_path / "cell2"
+    finished(cell / "b4m")
+    toyworld.run_method("no-precondition", cell, "c", "s", 0, 2)  # B4M's break stages first
+    assert "--resume" in calls[-1] and calls[-1][-1] == "--no-precondition" and len(calls) == 4
+    assert (cell / "no-precondition" / "config.json").read_text() == "b4m/config.json"
 
 
 def test_bootstrap_interval_on_a_hand_made_example():

@@ -508,7 +508,10 @@ B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-ste
              "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4", "--make-lr", "3e-4"]
 METHODS = {"b4m": [], "lora-merge": ["--baseline", "lora-merge"], "no-mcp": ["--no-mcp"],
            "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"]}
-REUSE_BREAK = {"no-precondition", "make-steps-0"}  # they change make only: b4m's break stages are kept (--resume)
+# The ablations that change make only, and the finished runs whose break stages they may keep
+# (--resume): B4M's, or, where that folder is gone (B4M recorded in another checkout), the
+# other make-only ablation's (its break stages are B4M's: the same flags and seed).
+REUSE_BREAK = {"no-precondition": ["b4m"], "make-steps-0": ["b4m", "no-precondition"]}
 # A pair: (new shape, the content set's own known style, new style); the style set: every known shape.
 # v2's nine new content-style pairs, split
 # once: the test pairs are the four that v1 also held out (so the old regime can be scored on the
@@ -559,17 +562,18 @@ def b4m(*argv, threads=None):
 def run_method(method, out, content, style, seed, n, flags=None, threads=None):
     """One b4m.py run of `method` in out/method (flags: the run's settings, default the old
     regime's B4M_FLAGS); a finished run is kept. The ablations that change only make reuse the
-    break stages of out/b4m when that run is there (--resume), else train their own (the same
-    seed draws the same break stages)."""
+    break stages of a finished out/b4m (or REUSE_BREAK's other run) when there is one (--resume),
+    else train their own (the same seed draws the same break stages)."""
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
     common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
               *(B4M_FLAGS if flags is None else flags), "--num-samples", str(n), "--out", str(run)]
-    if method in REUSE_BREAK and (out / "b4m" / "samples" / f"b4m_{n - 1}.png").exists():
+    done = [m for m in REUSE_BREAK.get(method, []) if (out / m / "samples" / f"b4m_{n - 1}.png").exists()]
+    if done:
         run.mkdir(parents=True, exist_ok=True)
         for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
-            src = out / "b4m" / part  # copied again over an interrupted earlier attempt
+            src = out / done[0] / part  # copied again over an interrupted earlier attempt
             shutil.copytree(src, run / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, run / part)
         common.append("--resume")
     else:
