@@ -1773,6 +1773,21 @@ def test_compare_skips_the_runs_its_record_holds(tmp_path, monkeypatch, capsys, 
     assert "| b4m | " in (tmp_path / "compare.md").read_text()
 
 
+def test_ablation_table_pairs_each_ablation_with_b4m_on_the_cells_it_ran():
+    score = lambda v: {k: v for k in toyworld.SCORES}
+    record = {"runs": {"test/b4m/heart-checker/seed0": score(0.5), "test/b4m/heart-checker/seed1": score(1.0),
+                       "test/b4m/arrow-neon/seed0": score(0.25), "test/no-mcp/heart-checker/seed0": score(0.75),
+                       "test/no-mcp/arrow-neon/seed0": score(0.0), "test/lora-merge/heart-checker/seed1": score(0.0)}}
+    only = {("heart-checker", "seed0"), ("arrow-neon", "seed0")}
+    rows, cells = toyworld.table(record, "test", ["b4m", *toyworld.ABLATIONS], against=None, only=only)
+    assert set(cells) == {"b4m", "no-mcp"} and set(cells["b4m"]) == only  # seed 1: not an ablation cell
+    assert rows[2].startswith("| b4m | 2 | 0.38 [0.25, 0.50] |")
+    assert rows[3].startswith("| no-mcp | 2 | 0.38 [0.00, 0.75] |")
+    assert rows[4].startswith("| no-mcp − b4m (paired) | 2 | 0.00 [-0.25, 0.25] |") and len(rows) == 5
+    rows, _ = toyworld.table(record, "test", ["b4m", "lora-merge"])  # B4M − merge over seed 1 only
+    assert rows[-1].startswith("| B4M − merge (paired) | 1 | 1.00 [1.00, 1.00] |")
+
+
 def test_make_only_ablations_reuse_a_finished_b4m_run_and_train_their_own_otherwise(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(toyworld, "b4m", lambda *argv, threads=None: calls.append(argv))

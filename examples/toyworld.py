@@ -737,13 +737,14 @@ def cmd_compare(args):
     report(read_record())
 
 
-def table(record, phase, methods):
+def table(record, phase, methods, against="lora-merge", only=None):
     """Markdown rows: each method's mean [95 % bootstrap interval] of every score over its
-    (pair, seed) cells; then B4M minus the merge, cell by cell, over the cells both have."""
+    (pair, seed) cells (only those in `only`, if given); then each other method minus B4M, or
+    B4M minus `against` (the merge), cell by cell, over the cells both have."""
     cells = {}
     for key, r in record["runs"].items():
         part, method, *_, pair, seed = key.split("/")  # search keys hold the setting too
-        if part == phase:
+        if part == phase and (only is None or (pair, seed) in only):
             cells.setdefault(method, {})[(pair, seed)] = r
     fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
     rows = ["| method | cells | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
@@ -751,11 +752,13 @@ def table(record, phase, methods):
         runs = list(cells[method].values())
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES)
                     + " |")
-    if "b4m" in cells and "lora-merge" in cells:
-        both = sorted(set(cells["b4m"]) & set(cells["lora-merge"]))
-        diff = [fmt(*paired_difference([cells["b4m"][c][k] for c in both], [cells["lora-merge"][c][k] for c in both]))
+    pairs = [("b4m", against)] if against else [(m, "b4m") for m in methods if m != "b4m"]
+    for a, b in (p for p in pairs if p[0] in cells and p[1] in cells):
+        both = sorted(set(cells[a]) & set(cells[b]))
+        diff = [fmt(*paired_difference([cells[a][c][k] for c in both], [cells[b][c][k] for c in both]))
                 for k in SCORES]
-        rows.append(f"| B4M − merge (paired) | {len(both)} | " + " | ".join(diff) + " |")
+        name = "B4M − merge" if (a, b) == ("b4m", "lora-merge") else f"{a} − b4m"
+        rows.append(f"| {name} (paired) | {len(both)} | " + " | ".join(diff) + " |")
     return rows, cells
 
 
@@ -807,10 +810,14 @@ def report(record):
         per_pair = ", ".join(f"{b:.2f}" for b in r["both_per_pair"])
         lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | {per_pair} | "
                      f"{r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} | {mark} |")
-    rows, cells = table(record, "test", ["b4m", "lora-merge", *ABLATIONS])
+    rows, cells = table(record, "test", ["b4m", "lora-merge"])
     lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
               "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
               *gate_c(record, cells)]
+    ablated = {c for m in ABLATIONS for c in table(record, "test", [m])[1].get(m, {})}
+    if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
+        rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
+        lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "", *rows]
     use_world("v1")
     rows, _ = table(record, "old", ["b4m", "lora-merge"])
     lines += ["", "## Old regime: v1, the quick start's old flags (B4M_FLAGS)", "", *rows,
