@@ -1788,6 +1788,22 @@ def test_ablation_table_pairs_each_ablation_with_b4m_on_the_cells_it_ran():
     assert rows[-1].startswith("| B4M − merge (paired) | 1 | 1.00 [1.00, 1.00] |")
 
 
+def test_compare_picture_needs_the_cells_b4m_and_merge_runs(tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(toyworld, "ROOT", tmp_path)
+    cell = tmp_path / "cell"
+    for method, colour in [("no-mcp", "red"), ("b4m", "blue"), ("lora-merge", "green")]:
+        (cell / method / "samples").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (toyworld.SIZE, toyworld.SIZE), colour).save(cell / method / "samples" / f"b4m_{i}.png")
+        toyworld.picture(cell, k=2)
+        assert (tmp_path / "compare.png").exists() == (method == "lora-merge")  # only with both
+    grid = Image.open(tmp_path / "compare.png")
+    assert grid.size == (6 * toyworld.SIZE, 3 * toyworld.SIZE)  # a row per method, b4m first
+    rows = [grid.getpixel((5 * toyworld.SIZE, j * toyworld.SIZE + 1)) for j in range(3)]
+    assert rows == [(0, 0, 255), (0, 128, 0), (255, 0, 0)]
+
+
 def test_make_only_ablations_reuse_a_finished_b4m_run_and_train_their_own_otherwise(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(toyworld, "b4m", lambda *argv, threads=None: calls.append(argv))

@@ -785,9 +785,10 @@ def gate_c(record, cells):
 
 
 def picture(cell, k=8):
-    """compare.png: a row per method of the cell's first k combined-prompt samples."""
+    """compare.png: a row per method of the cell's first k combined-prompt samples; left as it is
+    while the cell lacks B4M's or the merge's run (recorded in another checkout)."""
     methods = [m for m in ["b4m", "lora-merge", *ABLATIONS] if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
-    if not methods:
+    if methods[:2] != ["b4m", "lora-merge"]:
         return
     grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(methods)), "white")
     d = ImageDraw.Draw(grid)
