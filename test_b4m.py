@@ -1784,6 +1784,9 @@ def test_ablation_table_pairs_each_ablation_with_b4m_on_the_cells_it_ran():
     assert rows[2].startswith("| b4m | 2 | 0.38 [0.25, 0.50] |")
     assert rows[3].startswith("| no-mcp | 2 | 0.38 [0.00, 0.75] |")
     assert rows[4].startswith("| no-mcp − b4m (paired) | 2 | 0.00 [-0.25, 0.25] |") and len(rows) == 5
+    record["runs"]["test/no-mcp/arrow-neon/seed0"] = score(0.249)
+    rows, _ = toyworld.table(record, "test", ["b4m", "no-mcp"], against=None, only=only)
+    assert rows[-1].startswith("| no-mcp − b4m (paired) | 2 | 0.12 [0.00, 0.25] |")  # not -0.00
     rows, _ = toyworld.table(record, "test", ["b4m", "lora-merge"])  # B4M − merge over seed 1 only
     assert rows[-1].startswith("| B4M − merge (paired) | 1 | 1.00 [1.00, 1.00] |")
 

@@ -746,7 +746,8 @@ def table(record, phase, methods, against="lora-merge", only=None):
         part, method, *_, pair, seed = key.split("/")  # search keys hold the setting too
         if part == phase and (only is None or (pair, seed) in only):
             cells.setdefault(method, {})[(pair, seed)] = r
-    fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+    num = lambda x: f"{x:.2f}".replace("-0.00", "0.00")  # a mean of -0.001 is no sign
+    fmt = lambda m, lo, hi: f"{num(m)} [{num(lo)}, {num(hi)}]"
     rows = ["| method | cells | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
     for method in (m for m in methods if m in cells):
         runs = list(cells[method].values())
