@@ -816,7 +816,7 @@ def report(record):
     lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
               "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
               *gate_c(record, cells)]
-    ablated = {c for m in ABLATIONS for c in table(record, "test", [m])[1].get(m, {})}
+    ablated = {c for m in ABLATIONS for c in cells.get(m, {})}  # cells: every method's, by cell
     if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
         rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
         lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "", *rows]
