@@ -754,7 +754,9 @@ def table(record, phase, methods, against="lora-merge", only=None):
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES)
                     + " |")
     pairs = [("b4m", against)] if against else [(m, "b4m") for m in methods if m != "b4m"]
-    for a, b in (p for p in pairs if p[0] in cells and p[1] in cells):
+    for a, b in pairs:
+        if a not in cells or b not in cells:
+            continue
         both = sorted(set(cells[a]) & set(cells[b]))
         diff = [fmt(*paired_difference([cells[a][c][k] for c in both], [cells[b][c][k] for c in both]))
                 for k in SCORES]
