@@ -58,20 +58,39 @@ WORLDS = {
     "v2": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
                widths=(64, 128), heads=8, text_width=128, folder="model-v2",
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2)]),
+    # v3 (issue 24): v2's held-out concepts and widths; captions in every template the toy world's
+    # prompts use (CAPTIONS), and a two-layer text transformer with learned positions and CLIP's
+    # causal mask, trained with the UNet, so that context reaches each word as in SD's CLIP.
+    "v3": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
+               widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
+               phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2)]),
 }
+# v3's training captions. Every word of the prompts the toy world gives b4m (the sets' prompt.txt,
+# b4m's default prompts, the combined prompt) other than the rare tokens occurs here, used the same
+# way: a shape with "photo of ... object", a style with "image in ... style", both in one caption.
+# Captions naming only the shape (only the style) are drawn with the image's own labels, so the
+# other concept varies freely under them. Weights: both 0.6, shape only 0.15, style only 0.15
+# (and 0.1 empty, for classifier-free guidance).
+CAPTIONS = {"both": ["a {shape} in {style} style", "a {shape} object in {style} style",
+                     "a photo of a {shape} in {style} style", "a photo of {shape} object in {style} style",
+                     "an image of a {shape} in {style} style", "a {shape} object made from {style} style",
+                     "an image in {style} style of a {shape} object"],
+            "shape": ["a photo of {shape} object", "a photo of a {shape}", "a {shape} object", "a {shape}"],
+            "style": ["an image in {style} style", "in {style} style", "an image of an object in {style} style"]}
 
 
 def use_world(name):
     """Make `name` the world every function below works in: what is held out, the model's shape
     and folder (module-level names, so that the story reads as plain constants)."""
     global WORLD, HELD_OUT_SHAPES, HELD_OUT_STYLES, KNOWN_SHAPES, KNOWN_STYLES, TRAIN_PAIRS
-    global WIDTHS, HEADS, TEXT_WIDTH, MODEL
+    global WIDTHS, HEADS, TEXT_WIDTH, MODEL, TEXT_LAYERS, VARIED_CAPTIONS
     w = WORLDS[name]
     WORLD, HELD_OUT_SHAPES, HELD_OUT_STYLES = name, w["held_out_shapes"], w["held_out_styles"]
     KNOWN_SHAPES = [s for s in SHAPES if s not in HELD_OUT_SHAPES]
     KNOWN_STYLES = [s for s in STYLES if s not in HELD_OUT_STYLES]
     TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES if (a, b) not in HELD_OUT_PAIRS]
     WIDTHS, HEADS, TEXT_WIDTH, MODEL = w["widths"], w["heads"], w["text_width"], ROOT / w["folder"]
+    TEXT_LAYERS, VARIED_CAPTIONS = w.get("text_layers", 0), w.get("captions", False)
 
 
 use_world("v1")
@@ -280,17 +299,34 @@ def make_tokenizer():
 
 
 def make_text_encoder(vocab_size):
-    """A CLIPTextModel with no transformer layer and zero, frozen position embeddings: a word's
-    embedding is the same in every prompt and at every position (SD's CLIP mixes context in; a word
-    learned in "a photo of snq object" must carry over to "a snq object in w@z style")."""
+    """A CLIPTextModel. v1, v2: no transformer layer and zero, frozen position embeddings, so a
+    word's embedding is the same in every prompt and at every position. v3: TEXT_LAYERS layers
+    with learned positions and CLIP's causal mask, so context reaches each word as in SD."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=64,
-                                      num_hidden_layers=0, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                                      projection_dim=TEXT_WIDTH,
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH,
+                                      intermediate_size=4 * TEXT_WIDTH if TEXT_LAYERS else 64,
+                                      num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
+                                      max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_WIDTH,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    te.embeddings.position_embedding.weight.data.zero_()
-    te.embeddings.position_embedding.requires_grad_(False)
+    if not TEXT_LAYERS:
+        te.embeddings.position_embedding.weight.data.zero_()
+        te.embeddings.position_embedding.requires_grad_(False)
     return te
+
+
+def captions(shape, style):
+    """v3: every caption of CAPTIONS for one image's labels, in CAPTIONS' order; v1, v2: one."""
+    if not VARIED_CAPTIONS:
+        return [f"a {shape} in {style} style"]
+    return [c.format(shape=shape, style=style) for kind in CAPTIONS.values() for c in kind]
+
+
+def caption_weights():
+    """Sampling weights of captions()' entries, summing to 0.9 (the other 0.1: the empty prompt)."""
+    if not VARIED_CAPTIONS:
+        return torch.tensor([0.9])
+    share = {"both": 0.6, "shape": 0.15, "style": 0.15}
+    return torch.tensor([share[k] / len(v) for k, v in CAPTIONS.items() for _ in v])
 
 
 def make_vae():
@@ -346,23 +382,26 @@ def vae_check(vae, n=4):
 
 
 def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=100):
-    """UNet and text encoder together, on `a {shape} in {style} style` for the training pairs only;
-    10% empty prompts so that classifier-free guidance has an unconditional branch. start: a
+    """UNet and text encoder together, on captions() of the training pairs only (one caption of
+    each image's, drawn by caption_weights() at every step); 10% empty prompts so that classifier-free guidance has an unconditional branch. start: a
     (text encoder, UNet) to go on from, with a fresh optimizer (a later phase). Every `every` steps
     the whole state goes to `checkpoint`; a run started again continues from it exactly."""
     from diffusers import DDPMScheduler
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     te, unet = start or (make_text_encoder(len(tokenizer)), make_unet())
-    te.embeddings.position_embedding.requires_grad_(False)
+    te.embeddings.position_embedding.requires_grad_(bool(TEXT_LAYERS))
     noise = DDPMScheduler.from_config(make_scheduler().config)
     x, ys, yt = dataset(TRAIN_PAIRS, 160, 0)
     with torch.no_grad():
         post = [vae.encode(c).latent_dist for c in x.split(256)]
     sf = vae.config.scaling_factor
     mean, std = torch.cat([p.mean for p in post]) * sf, torch.cat([p.std for p in post]) * sf
-    prompts = [f"a {SHAPES[a]} in {STYLES[b]} style" for a, b in zip(ys.tolist(), yt.tolist())]
-    ids = tokenizer(prompts + [""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    prompts = [captions(SHAPES[a], STYLES[b]) for a, b in zip(ys.tolist(), yt.tolist())]
+    k = len(prompts[0])  # ids[i * k + j]: image i's caption j; ids[-1]: the empty prompt
+    ids = tokenizer(sum(prompts, []) + [""], padding="max_length", max_length=MAX_TOKENS,
+                    return_tensors="pt").input_ids
+    weights = caption_weights()
     params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -387,7 +426,8 @@ def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=1
         z0 = mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)
         eps = torch.randn(z0.shape, generator=g)
         t = torch.randint(1000, (batch,), generator=g)
-        tok = torch.where((torch.rand(batch, generator=g) < 0.1)[:, None], ids[-1], ids[i])
+        j = torch.multinomial(weights, batch, replacement=True, generator=g) if k > 1 else 0
+        tok = torch.where((torch.rand(batch, generator=g) < 0.1)[:, None], ids[-1], ids[i * k + j])
         pred = unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=te(tok)[0]).sample
         loss = F.mse_loss(pred, eps)
         opt.zero_grad()
