@@ -795,10 +795,10 @@ def write_file(path, data):
             tmp.unlink(missing_ok=True)
 
 
-def to_bytes(save, *args, **kw):
-    """What save(file, ...) writes (torch.save, a PIL image's save), as bytes."""
+def to_bytes(write):
+    """What write(file) writes into a file, as bytes."""
     f = io.BytesIO()
-    save(f, *args, **kw)
+    write(f)
     return f.getvalue()
 
 
@@ -1140,10 +1140,10 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
             raise FloatingPointError(f"step {step}: the loss is not finite ({log[-1][1:]})")
         if asked or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps):
             params = [p.detach().cpu().clone() for g in optimizer.param_groups for p in g["params"]]
-            write_file(path, to_bytes(torch.save, {
-                "step": step, "log": log, "params": params, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "generator": generator.get_state(),
-                "settings": settings, "seconds": time.time() - t0}))
+            state = {"step": step, "log": log, "params": params, "settings": settings,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "generator": generator.get_state(), "seconds": time.time() - t0}
+            write_file(path, to_bytes(lambda f: torch.save(state, f)))
         if asked:
             raise Interrupted(asked[0], f"stopped in the {stage} stage after step {step}, saved "
                                         f"in {path}; run the same command with --resume")
@@ -1283,7 +1283,7 @@ def write_samples(pipe, adapters, args):
             files[f"{name}_{j}.png"] = im
     samples = Path(args.out) / "samples"
     for name, im in files.items():
-        write_file(samples / name, to_bytes(im.save, format="PNG"))
+        write_file(samples / name, to_bytes(lambda f: im.save(f, format="PNG")))
     for old in samples.glob("*.png"):
         if SAMPLES.fullmatch(old.name) and old.name not in files:
             old.unlink()
