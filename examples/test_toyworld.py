@@ -408,3 +408,49 @@ def test_v3_text_encoder_has_context_and_v2s_has_none():
     finally:
         toyworld.use_world("v1")
     assert toyworld.MODEL == EXAMPLES / "toyworld" / "model" and len(toyworld.TRAIN_PAIRS) == 60
+
+
+def test_binding_probes_and_scores_on_a_hand_made_example():
+    """Issue 24's binding: each stage's own prompt without its rare token, and the token in a known
+    context; a share counts the stage's own new concept only."""
+    toyworld.use_world("v3")
+    try:
+        probes = toyworld.binding_prompts("heart", "blue", "checker")
+        captions = {c for a, b in toyworld.TRAIN_PAIRS for c in toyworld.captions(a, b)}
+        words = {w for c in captions for w in c.split()}
+        assert probes["content"]["without_token"] == "a photo of object"
+        assert probes["style"]["without_token"] == "an image in style"
+        assert probes["content"]["known_context"] == "a snq object in red style"  # not blue
+        assert probes["style"]["known_context"] == "a circle in w@z style"
+        for stage in probes.values():  # every word known to v3, but the one rare token
+            assert set(stage["without_token"].split()) <= words
+            assert len(set(stage["known_context"].split()) - words) == 1
+        got = [("heart", "red"), ("circle", "red"), ("heart", "checker"), ("star", "checker")]
+        assert toyworld.binding_share(got, "content", "heart", "checker") == 0.5
+        assert toyworld.binding_share(got[:3], "style", "heart", "checker") == 1 / 3
+    finally:
+        toyworld.use_world("v1")
+
+
+def test_joint_stage_trains_one_lora_on_both_sets_each_with_its_own_prompt(toy_pipe, tmp_path,
+                                                                           monkeypatch):
+    """The upper bound: one peft LoRA of rank 2r whose every step's loss covers the content set
+    with the content prompt and the style set with the style prompt."""
+    content, style = toyworld.image_sets(tmp_path, "heart", "blue", "checker", n=2)
+    seen, real = [], b4m.training_loss
+
+    def recording(pipe, batch_size, guidance):
+        loss = real(pipe, batch_size, guidance)
+        return lambda sets, g: seen.append(sets) or loss(sets, g)
+    monkeypatch.setattr(b4m, "training_loss", recording)
+    adapter, log = toyworld.joint_stage(toy_pipe, content, style, rank=16, seed=0, steps=2,
+                                        lr=1e-3, batch_size=2)
+    assert [row[0] for row in log] == [1, 2] and len(seen) == 2
+    for sets in seen:
+        assert len(sets) == 2
+        for s, prompt in zip(sets, ["a photo of snq object", "an image in w@z style"]):
+            expected = b4m.encode_prompts(toy_pipe, [prompt], 32)["encoder_hidden_states"]
+            assert torch.equal(s["cond"]["encoder_hidden_states"], expected)
+    U, V = next(iter(adapter.values()))
+    assert U.shape[1] == V.shape[0] == 16 and len(adapter) == sum(
+        b4m.is_target(n, m) for n, m in toy_pipe.unet.named_modules())

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import b4m as b4m_py  # noqa: E402  (b4m.py's functions; b4m() below runs its command line)
 ROOT = HERE / "toyworld"
 EVALUATOR = ROOT / "evaluator.safetensors"
 SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 px
@@ -534,12 +536,92 @@ def gate(pipe, pairs, n, seed, model):
     return {"shape": share(lambda g: g[0]), "style": share(lambda g: g[1]), "both": share(all), "n": len(got)}
 
 
+# The prompts the toy world gives b4m (its defaults and the sets' prompt.txt), and its rare tokens.
+PROMPTS = {"content": "a photo of snq object", "style": "an image in w@z style",
+           "combined": "a snq object in w@z style"}
+RARE = ("snq", "w@z")
+
+
+def without_rare(prompt):
+    return " ".join(w for w in prompt.split() if w not in RARE)
+
+
+def gate_d(pipe, n, seed, model):
+    """Gate (d): the base model prompted with each of PROMPTS minus its rare tokens; the share of
+    samples that show a held-out shape or style (a word that would carry a concept in)."""
+    result = {}
+    for kind, prompt in PROMPTS.items():
+        got = classify(sample(pipe, without_rare(prompt), n, seed), model)
+        result[kind] = sum(a in HELD_OUT_SHAPES or b in HELD_OUT_STYLES for a, b in got) / len(got)
+    return result
+
+
 def cmd_gates(args):
     pipe, model = load_model(), load_evaluator()
     result = {"held_in": gate(pipe, TRAIN_PAIRS, args.n, args.seed, model),
               "held_out_pairs": gate(pipe, HELD_OUT_PAIRS, 4 * args.n, args.seed, model),
-              "samples_per_prompt": {"held_in": args.n, "held_out_pairs": 4 * args.n}, "seed": args.seed}
+              "no_rare_token": gate_d(pipe, 8 * args.n, args.seed, model),
+              "samples_per_prompt": {"held_in": args.n, "held_out_pairs": 4 * args.n,
+                                     "no_rare_token": 8 * args.n}, "seed": args.seed}
     print(json.dumps(result, indent=1))
+
+
+def binding_prompts(shape, own_style, new_style):
+    """Issue 24's binding probes, per stage: its own prompt without the rare token (the new concept
+    should not appear), and the rare token in a known context (it should)."""
+    known_style = next(s for s in KNOWN_STYLES if s != own_style)
+    known_shape = KNOWN_SHAPES[0]
+    return {"content": {"without_token": without_rare(PROMPTS["content"]),
+                        "known_context": f"a snq object in {known_style} style"},
+            "style": {"without_token": without_rare(PROMPTS["style"]),
+                      "known_context": f"a {known_shape} in w@z style"}}
+
+
+def binding_share(got, stage, shape, new_style):
+    """The share of (shape, style) labels that show the stage's new concept."""
+    return sum((a == shape) if stage == "content" else (b == new_style) for a, b in got) / len(got)
+
+
+def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model):
+    """{stage: {probe: share}} for a run's content and style adapters ({stage: (U, V) dict})."""
+    result = {}
+    for stage, probes in binding_prompts(shape, own_style, new_style).items():
+        result[stage] = {}
+        for probe, prompt in probes.items():
+            images = b4m_py.generate(pipe, adapters[stage], prompt, num_samples=n, steps=25,
+                                     resolution=SIZE, seed=seed)
+            result[stage][probe] = binding_share(classify(images, model), stage, shape, new_style)
+    return result
+
+
+def joint_stage(pipe, content, style, *, rank, seed, steps, lr, batch_size=8):
+    """Joint training, the upper bound: one ordinary LoRA of rank `rank` (the merge's total, 2r)
+    trained on both sets at once, each image with its own set's prompt, from b4m's functions:
+    lora_stage with a loss over [content set, style set] (the mean of the two sets' losses)."""
+    sets = [b4m_py.encode_set(pipe, *b4m_py.load_image_set(flag, folder, SIZE))
+            for flag, folder in (("--content", content), ("--style", style))]
+    loss = b4m_py.training_loss(pipe, batch_size, None)
+    return b4m_py.lora_stage("joint", pipe.unet, lambda _, g: loss(sets, g), None, rank=rank,
+                             seed=seed, steps=steps, lr=lr, grad_accum=1)
+
+
+def cmd_joint(args):
+    """Joint training on pairs, scored with the combined prompt and the union of the set prompts'
+    words: can this world compose learned concepts at all?"""
+    torch.set_num_threads(args.threads)
+    pipe, model = load_model(), load_evaluator()
+    prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style"}
+    for shape, own, new in {"validation": SEARCH_PAIRS, "test": TEST_PAIRS}[args.pairs]:
+        content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new)
+        adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
+                                 steps=args.steps, lr=args.lr)
+        row = {}
+        for name, prompt in prompts.items():
+            got = classify(b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25,
+                                           resolution=SIZE, seed=args.seed), model)
+            row[name] = sum(g == (shape, new) for g in got) / len(got)
+        print(json.dumps({"pair": [shape, own, new], "both_right": row, "samples": args.n,
+                          "lr": args.lr, "steps": args.steps, "rank": args.rank}), flush=True)
 
 
 # The quick start's flags: one lr for both break stages. Measured here (single 300-step stages, seed 0):
@@ -971,6 +1053,16 @@ def main(argv=None):
     g.add_argument("--n", type=positive, default=4)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--world", choices=list(WORLDS), default="v1")
+    j = sub.add_parser("joint")
+    j.add_argument("--world", choices=list(WORLDS), default="v3")
+    j.add_argument("--pairs", choices=["validation", "test"], default="validation")
+    j.add_argument("--rank", type=positive, default=16, help="2r: the merge's total rank")
+    j.add_argument("--steps", type=positive, default=300, help="both sets at once")
+    j.add_argument("--lr", type=float, default=4e-3)
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--n", type=positive, default=32)
+    j.add_argument("--threads", type=positive, default=2)
+    j.add_argument("--out", default="runs/toyworld-joint")
     c = sub.add_parser("compare")
     c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
     c.add_argument("--out", default="runs/toyworld-compare", help="the run folders")
@@ -982,7 +1074,7 @@ def main(argv=None):
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
-     "compare": cmd_compare, "regime": cmd_regime}[args.command](args)
+     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint}[args.command](args)
 
 
 if __name__ == "__main__":
