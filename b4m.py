@@ -7,10 +7,10 @@ model with partly learnable LoRA projections (PLP).
     (arXiv 2403.19456, "Break-for-Make"). Preconditioner: Zhang & Pilanci, "Riemannian
     Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
 
-The method, sections 1-7 in the paper's order, needs torch alone and touches no files: 1. PLP,
-2. the orthogonal prior, 3. the Riemannian-preconditioned AdamW, 4. break (with MCP), 5. make,
-6. sample, 7. the flow-matching loss (SD3, FLUX.1). Then the plumbing: 8. the naive baseline,
-9. models (diffusers), 10. files, 11. the command line.
+The method needs torch alone and touches no files. Sections 1-5 follow the paper: 1. PLP, 2. the
+orthogonal prior, 3. the Riemannian-preconditioned AdamW, 4. break (with MCP), 5. make; then
+6. sample and 7. the flow-matching loss for SD3 and FLUX.1 (not in the paper). The plumbing:
+8. the naive baseline, 9. models (diffusers), 10. files, 11. the command line.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -28,7 +28,7 @@ __version__ = "0.3.0"
 #       U = [A; B]  (m x r),   V = [C, D]  (r x n),   dW = U V = [[A C, A D],
 #                                                               [B C, B D]]
 #       A: the first m_f = m // 2 rows of U,  C: the first n_f = n // 2 columns of V (frozen);
-#       B: the other rows of U,               D: the other columns of V (learned).
+#       B: the other rows of U (learns style), D: the other columns of V (learns content).
 # An adapter, in sections 1-8: {layer name: (U, V)}.
 # ---------------------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class PLPLinear(nn.Module):
         # reaches them, so they stay bit-identical between the content and the style run.
         self.register_buffer("A", A.to(**kw))
         self.register_buffer("C", C.to(**kw))
-        # The official init, diffusers' LoRALinearLayer's: B = 0, D ~ N(0, 1/r^2). Unlike in a
+        # The official init, its LoRALinearLayer's: B = 0, D ~ N(0, 1/r^2). Unlike in a
         # plain LoRA, dW = [[A C, A D], [0, 0]] is NOT zero at step 0: a fresh PLP already changes
         # the layer through its frozen rows A, and A C never changes again.
         D = torch.randn(rank, n - n // 2, generator=generator, dtype=torch.float64) / rank
@@ -111,7 +111,7 @@ def orthogonal_prior(out_features, in_features, rank, generator=None):
     share the r directions without redundancy (A^T A + C C^T = I), and when r <= m_f, n_f each of
     A and C alone has full rank r, so the Gram matrices U^T U and V V^T that the preconditioner of
     section 3 inverts are invertible from the first step, whatever B and D are.
-    float64, on the CPU: the same (seed, layer) gives bit-identical A and C on any device."""
+    float64, on the CPU: the same (seed, layer) gives the same A and C whatever the device."""
     check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     Q, R = torch.linalg.qr(torch.randn(m_f + n_f, rank, generator=generator, dtype=torch.float64))
@@ -122,7 +122,7 @@ def orthogonal_prior(out_features, in_features, rank, generator=None):
 def random_prior(out_features, in_features, rank, generator=None):
     """Ablation (--no-orth-prior): A and C drawn independently, at the orthonormal draw's scale
     (an entry of a unit vector of length m_f + n_f)."""
-    check_layer_rank(out_features, in_features, rank)
+    check_layer_rank(out_features, in_features, rank)  # the ranks the prior it replaces takes
     m_f, n_f = out_features // 2, in_features // 2
     std = (m_f + n_f) ** -0.5
     A = torch.randn(m_f, rank, generator=generator, dtype=torch.float64) * std
@@ -150,9 +150,9 @@ def is_target(name, module):
 def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
     """Wrap every attention projection of the denoiser (TARGETS) in a PLPLinear, as the paper
     does; no feed-forward or convolution layers. Returns {module name: PLPLinear}.
-    scale (--prior-scale, not in the paper; 1 = the official construction): multiplies A, C and
-    D's initial draw, so the step-0 change dW = [[A C, A D], [0, 0]] shrinks by scale^2. At a low
-    rank in a narrow layer the orthonormal A C can be a large part of W0's own corner."""
+    scale (--prior-scale, not in the paper; 1: as drawn): multiplies A, C and D's initial draw,
+    so the step-0 change dW = [[A C, A D], [0, 0]] shrinks by scale^2. Where r is a sizeable part
+    of m_f + n_f (a small model), the orthonormal A C can be as large as W0's own corner."""
     layers = {}
     for name, module in list(denoiser.named_modules()):  # a snapshot: the loop replaces modules
         if is_target(name, module):
@@ -160,7 +160,7 @@ def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
             A, C = prior(module.out_features, module.in_features, rank, generator)
             layers[name] = PLPLinear(module, scale * A, scale * C, generator)  # D: same generator
             with torch.no_grad():
-                layers[name].D.mul_(scale)  # x 1.0 is exact: the default changes no bit
+                layers[name].D.mul_(scale)
             denoiser.set_submodule(name, layers[name])
     return layers
 
@@ -181,8 +181,8 @@ def remove_plp(denoiser):
 def riemannian_precondition(U, V, G_B, G_D, delta=1e-6):
     """Preconditioned gradients of B (any block of rows of U) and D (any block of columns of V).
 
-    Why: dW = U V has many factorisations (U M, M^-1 V), and a plain gradient step favours
-    whichever factor happens to be larger. With these gradients a plain (SGD) step on the full U
+    Why: dW = U V has many factorisations (U M, M^-1 V), and a plain gradient step depends on
+    which one the optimizer holds. With these gradients a plain (SGD) step on the full U
     and V, at delta = 0, changes dW to first order by -lr (G P_row(V) + P_col(U) G), G = dL/d(dW):
     it depends only on U's column space and V's row space, the same for every factorisation.
     B4M steps only B and D, and through AdamW (the official choice), so this is the motivation
@@ -220,8 +220,8 @@ class RiemannianAdamW(torch.optim.AdamW):
             raise ValueError("RiemannianAdamW needs the gradients before the step: "
                              "call backward(), then step()")
         for group in self.same_shape.values():
-            # A layer the loss does not reach has no gradient (leave_unreached, section 4): it is
-            # left as it is, as AdamW leaves such parameters.
+            # A layer the loss does not reach has no gradient in either half (leave_unreached,
+            # section 4): it is left as it is, as AdamW leaves such parameters.
             group = [layer for layer in group
                      if layer.B.grad is not None or layer.D.grad is not None]
             if any(layer.B.grad is None or layer.D.grad is None for layer in group):
@@ -241,16 +241,18 @@ class RiemannianAdamW(torch.optim.AdamW):
 #       style stage:    B <- grad_B L_style,     D <- grad_D mean_k L_aux_content_k
 #       L = || eps_theta(z_t, t, c) - target ||^2,   target = eps, or v (v-prediction models)
 # ---------------------------------------------------------------------------------------------
-# The paper assigns the content to the down projection (D) and the style to the up projection
-# (B). One way to read it (ours, not the paper's words): V reads the layer's input, choosing the
-# directions the adapter responds to, and U writes the output, choosing what it adds there.
+# B4M learns the content in the down projection's half D and the style in the up projection's
+# half B (the official scripts). One way to read it (ours, not the paper's words): V reads the
+# layer's input, choosing the directions the adapter responds to, and U writes the output,
+# choosing what it adds there.
 # MCP keeps each half general: while one half learns its concept, the other is trained on other
 # concepts of the other kind, so that halves learned in different runs work together in make.
 #
 # A set: one folder of images and its prompt, encoded once before training (section 9):
-#   {"mean", "std": the latent posterior of each image (N x c x h x w, on the model's device),
+#   {"mean", "std": each image's latent posterior, in the denoiser's latent scale (N x c x h x w),
 #    "cond": the prompt's conditioning for the denoiser (a dict of tensors, batch 1)}.
-# A loss: loss(sets, generator) -> one value per set (denoising_loss, or section 7's).
+# A loss: loss(sets, generator) -> one value per set: denoising_loss (or section 7's) with its
+# model, scheduler and batch size bound (section 9's training_loss).
 
 
 def denoise(unet, z_t, t, cond):
@@ -284,7 +286,7 @@ def per_set(pred, target, sets):
 def denoising_loss(unet, noise_scheduler, batch_size, sets, generator):
     """L of each set, all sets in one forward (the UNet treats every image of a batch on its own).
     Fresh noise and timesteps for every set (the official scripts reuse the main batch's for the
-    auxiliary one, a coupling the paper does not ask for). noise_scheduler: a DDPMScheduler."""
+    auxiliary one). noise_scheduler: a diffusers DDPMScheduler."""
     z0, cond = draw_batch(sets, batch_size, generator)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(z0),),
@@ -292,8 +294,11 @@ def denoising_loss(unet, noise_scheduler, batch_size, sets, generator):
     z_t = noise_scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
-    else:  # v-prediction (SD 2.x): v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0
-        target = noise_scheduler.get_velocity(z0, noise, t)
+    elif noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x
+        target = noise_scheduler.get_velocity(z0, noise, t)  # sqrt(abar_t) eps - sqrt(1-abar_t) z0
+    else:
+        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type}: b4m trains "
+                         f"epsilon and v-prediction models")
     return per_set(denoise(unet, z_t.to(unet.dtype), t, cond), target, sets)
 
 
@@ -336,7 +341,7 @@ def resume(checkpoint, optimizer, scaler, generator):
         return 1, []
     params = [p for half in optimizer.param_groups for p in half["params"]]
     if [tuple(p.shape) for p in params] != [tuple(v.shape) for v in checkpoint["params"]]:
-        raise ValueError("the checkpoint holds parameters of other shapes than this stage trains")
+        raise ValueError("its checkpoint holds parameters of other shapes; delete it to start over")
     with torch.no_grad():
         for p, value in zip(params, checkpoint["params"]):
             p.copy_(value)
@@ -416,8 +421,9 @@ def reassemble(content, style, content_scale=1.0, style_scale=1.0):
 def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *, rank, seed,
                steps, lr, grad_accum=1, max_grad_norm=1.0, precondition=True, checkpoint=None,
                on_step=None):
-    """The made adapter: the stages' halves reassembled, then B and D fine-tuned together on the
-    two target sets (official lr 1e-4). precondition=False (--no-precondition): plain AdamW.
+    """The made adapter: the break stages' adapters (content_adapter, style_adapter) reassembled,
+    then B and D fine-tuned together on the two target sets (official lr 1e-4).
+    precondition=False (--no-precondition): plain AdamW.
     on_step, checkpoint: as in break_stage. Returns (adapter, loss log)."""
     layers = add_plp(denoiser, rank, seed)  # the same modules the break stages adapted
     load_blocks(layers, reassemble(content_adapter, style_adapter))
@@ -440,7 +446,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
                 L_total += L.item() / grad_accum
             leave_unreached(optimizer)
             # B and D each clipped once, after both losses; RiemannianAdamW then preconditions the
-            # clipped gradients, so the step itself is not bounded by max_grad_norm.
+            # clipped gradients.
             clip_and_step(optimizer, scaler, max_grad_norm)
             log.append([step, L_total])
             if on_step:
@@ -528,7 +534,8 @@ from pathlib import Path  # noqa: E402
 def lora_stage(stage, denoiser, loss, data, *, rank, seed, steps, lr, grad_accum=1,
                max_grad_norm=1.0, checkpoint=None, on_step=None):
     """An ordinary peft LoRA as diffusers' scripts train one: plain AdamW on its set's loss,
-    every parameter stepped, peft's init (V ~ N(0, 1/r^2), U = 0) from our own generator."""
+    every parameter stepped, the "gaussian" init they ask of peft (V ~ N(0, 1/r^2), U = 0), drawn
+    from our own generator."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -694,10 +701,6 @@ def load_pipeline(model, device, dtype):
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except Exception as e:
         raise UsageError(f"--model {model}: could not load it ({type(e).__name__})") from None
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise UsageError(f"--model {model}: prediction_type {prediction}; b4m trains epsilon "
-                         f"and v-prediction models")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
@@ -831,8 +834,8 @@ def read_lora(path):
             meta = (f.metadata() or {}).get("b4m")
             return {k: f.get_tensor(k) for k in f.keys()}, meta and json.loads(meta)
     except Exception as e:
-        raise UsageError(f"{path}: not a readable b4m adapter ({type(e).__name__}); "
-                         f"re-run with --overwrite") from None
+        raise UsageError(f"{path}: not a readable safetensors adapter ({type(e).__name__}); "
+                         f"restore it or train the run again (--overwrite)") from None
 
 
 def load_lora(path, denoiser, prefix, expect):
@@ -902,7 +905,7 @@ FLAGS = {
     "--resume": (bool, False, "continue the run in --out"),
     "--overwrite": (bool, False, "replace the run in --out (only its own files are removed)"),
     "--no-orth-prior": (bool, False, "ablation: A, C drawn independently"),
-    "--prior-scale": (POSITIVE, 1.0, "multiply A, C and D's init (1: the official construction)"),
+    "--prior-scale": (POSITIVE, 1.0, "multiply A, C and D's initial draw (1: as drawn)"),
     "--no-mcp": (bool, False, "ablation: no auxiliary loss in break"),
     "--no-precondition": (bool, False, "ablation: plain AdamW in make"),
     "--baseline": (["b4m", "lora-merge"], "b4m", "lora-merge: the paper's naive baseline, two "
@@ -1019,8 +1022,12 @@ def locked(out):
     the process ends, also after kill -9, so --resume works after a crash."""
     import fcntl
 
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / LOCK, "a") as f:
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        f = open(Path(out) / LOCK, "a")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror}); pick another folder")
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1112,7 +1119,9 @@ def load_checkpoint(path, settings):
     arbitrary pickles; on the CPU: the optimizer moves its state to the parameters' device."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        assert {"step", "log", "params", "optimizer", "generator", "settings"} <= set(state)
+        keys = {"step", "log", "params", "optimizer", "scaler", "generator", "settings"}
+        if not keys <= set(state):
+            raise KeyError(keys - set(state))
     except Exception as e:
         raise UsageError(f"{path}: not a readable b4m checkpoint ({type(e).__name__}); delete it "
                          f"to start the stage over") from None
@@ -1129,6 +1138,9 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
     state = load_checkpoint(path, settings) if args.resume and path.exists() else None
     if state:
         print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
+    elif args.resume and path.exists():
+        print(f"{stage}: {path} was taken with other settings; starting the stage over",
+              file=sys.stderr)
     steps = args.make_steps if stage == "make" else args.steps
     t0 = time.time() - (state or {}).get("seconds", 0)
     bar = tqdm(total=steps, initial=state["step"] if state else 0, desc=stage, dynamic_ncols=True)
@@ -1329,7 +1341,7 @@ def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         (sample_main if args.command == "sample" else train_main)(args)
-    except UsageError as e:
+    except (UsageError, OSError) as e:  # OSError: a file system refusal not foreseen above
         print(f"b4m: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
