@@ -748,6 +748,18 @@ def open_image(path, resolution):
         return ImageOps.fit(img.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
 
 
+def read_images(files, resolution):
+    """The readable ones, each unreadable file named in a warning and skipped."""
+    images = []
+    for path in files:
+        try:
+            images.append(open_image(path, resolution))
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
+                  file=sys.stderr)
+    return images
+
+
 def load_image_set(flag, folder, resolution):
     """(pixels in [-1, 1], N x 3 x H x W; the folder's prompt.txt or None). Unreadable images are
     named in a warning and skipped."""
@@ -763,13 +775,7 @@ def load_image_set(flag, folder, resolution):
     except OSError as e:
         raise UsageError(f"{flag} {folder}: cannot read it ({e.strerror or e}); pass a readable "
                          f"folder of images") from None
-    images = []
-    for path in files:
-        try:
-            images.append(open_image(path, resolution))
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
-                  file=sys.stderr)
+    images = read_images(files, resolution)
     if not images:
         raise UsageError(f"{flag} {folder}: no readable image ({', '.join(IMAGES)})")
     data = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)

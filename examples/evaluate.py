@@ -18,19 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # b4m.py sits one folder up
 # b4m's image reader (EXIF-upright, transparency on white, centre crop), so that the content and
 # style images are scored as training saw them, and its atomic writer (temp file, os.replace).
-from b4m import IMAGES, Parser, UsageError, open_image, read_config, save_json  # noqa: E402
-
-
-def read_images(paths, resolution):
-    """The readable images of paths; each unreadable file named in a warning and skipped."""
-    images = []
-    for path in paths:
-        try:
-            images.append(open_image(path, resolution))
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
-                  file=sys.stderr)
-    return images
+from b4m import IMAGES, Parser, UsageError, read_config, read_images, save_json  # noqa: E402
 
 
 def read_run(run):
