@@ -227,8 +227,10 @@ class RiemannianAdamW(torch.optim.AdamW):
             if any(layer.B.grad is None or layer.D.grad is None for layer in group):
                 raise ValueError("RiemannianAdamW: a layer needs gradients for both B and D")
             if group:  # one batch of r x r solves per shape: SDXL's 140 layers in a few solves
-                U, V, G_B, G_D = (torch.stack(blocks) for blocks in zip(
-                    *[(layer.U, layer.V, layer.B.grad, layer.D.grad) for layer in group]))
+                U = torch.stack([layer.U for layer in group])  # one block at a time: less memory
+                V = torch.stack([layer.V for layer in group])
+                G_B = torch.stack([layer.B.grad for layer in group])
+                G_D = torch.stack([layer.D.grad for layer in group])
                 P_B, P_D = riemannian_precondition(U, V, G_B, G_D, self.delta)
                 for layer, P_B_i, P_D_i in zip(group, P_B, P_D):
                     layer.B.grad, layer.D.grad = P_B_i, P_D_i
