@@ -963,7 +963,7 @@ def parse_args(argv):
     if argv[:1] == ["sample"]:
         p = Parser(prog="b4m.py sample", description="Sample again from a finished run.")
         p.add_argument("--run", required=True, help="a finished run's --out folder")
-        p.add_argument("--seed", type=SEED, help="(default: the run's)")
+        p.add_argument("--seed", type=SEED, help="(default: the run)")
         p.add_argument("--export", metavar="DIR", help="also write the (scaled) made adapter to "
                        f"DIR/{WEIGHTS} and DIR/{KOHYA.format('b4m')}")
         p.add(SAMPLE_FLAGS, runs=True)
@@ -1000,10 +1000,12 @@ def pick_device(args):
 
 def check_baseline(args):
     """The lora-merge baseline has no PLP halves: the flags that act on them would do nothing."""
-    for key in ("content_scale", "style_scale", "prior_scale", "aux_style", "aux_content",
-                "no_orth_prior", "no_mcp", "no_precondition"):
-        if args.baseline != "b4m" and vars(args).get(key) not in (None, 1, [], False):
-            raise UsageError(f"--{key.replace('_', '-')}: only for B4M runs, not --baseline "
+    given = [k for k in ("content_scale", "style_scale", "prior_scale")
+             if vars(args).get(k, 1) != 1]
+    given += [k for k in ("aux_style", "aux_content", "no_orth_prior", "no_mcp", "no_precondition")
+              if vars(args).get(k)]
+    for key in given if args.baseline != "b4m" else []:
+        raise UsageError(f"--{key.replace('_', '-')}: only for B4M runs, not --baseline "
                              f"{args.baseline}")
 
 
@@ -1206,8 +1208,8 @@ def train_main(args):
         flag, many = f"--{kind.replace('_', '-')}", kind.startswith("aux")
         paths = [str(Path(d).resolve()) for d in (vars(args)[kind] if many else [vars(args)[kind]])]
         sets[kind] = [load_image_set(flag, d, args.resolution) for d in paths]
-        if many and any(prompt is None for _, prompt in sets[kind]):
-            raise UsageError(f"{flag}: every auxiliary set needs a prompt.txt")
+        for folder in [d for d, (_, prompt) in zip(paths, sets[kind]) if prompt is None][:1]:
+            raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one")
         setattr(args, kind, paths if many else paths[0])
         folders += [(flag, d) for d in paths]
     for kind in ("content", "style"):  # the flag, else the folder's prompt.txt, else the default

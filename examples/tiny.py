@@ -5,6 +5,8 @@ the tests and for trying flags. Saved with save_pretrained, they load through th
 `from_pretrained` path as a hub model.
 
     python examples/tiny.py sd runs/tiny-sd       # or sdxl, sd3, flux
+A saved FLUX pipeline forgets its sample size: give the tiny FLUX --sample-resolution 64, or it
+samples at FLUX.1's 1024 px.
     python b4m.py --model runs/tiny-sd --content examples/content --style examples/style \
         --rank 4 --resolution 64 --steps 20 --make-steps 10 --sample-steps 4 --out runs/try
 """
