@@ -4,11 +4,7 @@ on the tiny SD, SDXL, SD3 and FLUX pipelines of examples/tiny.py, saved once, lo
 import argparse, contextlib, errno, fcntl, importlib.util, json, os, re, shutil  # noqa: E401
 import signal, stat, struct, subprocess, sys  # noqa: E401
 from pathlib import Path
-
-import pytest
-import torch
-import torch.nn as nn
-
+import pytest, torch, torch.nn as nn  # noqa: E401
 import b4m
 
 ROOT = Path(__file__).resolve().parent
