@@ -4,15 +4,17 @@ A toy world small enough to train on a CPU, to show with numbers whether B4M wor
 The story, top to bottom: 1. the world: 32x32 images of a shape in a style, drawn in code from a
 seed; 2. the evaluator: a shape classifier and a style classifier; 3. the base model: a diffusers
 StableDiffusionPipeline (VAE, word-level text encoder, UNet) trained here from scratch on
-`a {shape} in {style} style`, never on a held-out shape, style or combination; 4. the gates, and the
+`a {shape} in {style} style` (v3: on every caption template the toy prompts use, CAPTIONS), never on
+a held-out shape, style or combination; 4. the gates, joint training (the upper bound), and the
 comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's command line.
 
     python examples/toyworld.py info
     python examples/toyworld.py draw --shape heart --style blue --n 8 --out DIR [--seed K] [--prompt P]
     python examples/toyworld.py score DIR
-    python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2]  (reproduces toyworld/)
-    python examples/toyworld.py gates [--n N] [--world v1|v2]
-    python examples/toyworld.py regime [--world v1|v2] [--rank R] [--prior-scale S]  (adapter against model)
+    python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2|v3]
+    python examples/toyworld.py gates [--n N] [--world v1|v2|v3]
+    python examples/toyworld.py joint [--world v2|v3] [--steps S] [--lr LR] [--pairs validation|test]
+    python examples/toyworld.py regime [--world v1|v2|v3] [--rank R] [--prior-scale S]  (adapter against model)
     python examples/toyworld.py compare --phase search|test|ablations|old|report [--seeds ...] [--jobs 2]
 """
 import argparse
