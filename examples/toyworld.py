@@ -67,7 +67,8 @@ WORLDS = {
     # causal mask, trained with the UNet, so that context reaches each word as in SD's CLIP.
     "v3": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
                widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
-               phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2)]),
+               phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2),
+                       dict(steps=1600, batch=32, lr=3e-4, seed=3)]),
 }
 # v3's training captions. Every word of the prompts the toy world gives b4m (the sets' prompt.txt,
 # b4m's default prompts, the combined prompt) other than the rare tokens occurs here, used the same
@@ -971,8 +972,10 @@ def cmd_train(args):
         else:  # the UNet and text encoder, phase by phase, resumable from a checkpoint
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(MODEL / "vae", dtype=torch.float32).eval()
-            seconds = 0.0
+            seconds = times.get(f"unet-{WORLD}", 0.0) if args.from_phase else 0.0
             for i, phase in enumerate(WORLDS[WORLD]["phases"]):
+                if i < args.from_phase:  # finished: its model is the one saved in MODEL
+                    continue
                 start = None
                 if i:  # from the saved (EMA) weights of the phase before
                     pipe = load_model()
@@ -1047,6 +1050,7 @@ def main(argv=None):
     t.add_argument("--part", choices=["evaluator", "vae", "unet", "all"], default="all")
     t.add_argument("--threads", type=positive, default=1)
     t.add_argument("--world", choices=list(WORLDS), default="v1")
+    t.add_argument("--from-phase", type=int, default=0, help="skip the phases before (saved)")
     r = sub.add_parser("regime")
     r.add_argument("--world", choices=list(WORLDS), default="v1")
     r.add_argument("--rank", type=positive, default=16)
