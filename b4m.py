@@ -1208,7 +1208,7 @@ def train_main(args):
         flag, many = f"--{kind.replace('_', '-')}", kind.startswith("aux")
         paths = [str(Path(d).resolve()) for d in (vars(args)[kind] if many else [vars(args)[kind]])]
         sets[kind] = [load_image_set(flag, d, args.resolution) for d in paths]
-        for folder in [d for d, (_, prompt) in zip(paths, sets[kind]) if prompt is None][:1]:
+        for folder in [d for d, (_, p) in zip(paths, sets[kind]) if many and p is None][:1]:
             raise UsageError(f"{flag} {folder}: no prompt.txt; an auxiliary set needs one")
         setattr(args, kind, paths if many else paths[0])
         folders += [(flag, d) for d in paths]

@@ -7,6 +7,7 @@ benchmark.py has no test: even at --repeats 1 it times mid-size models for about
 import importlib.util
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -279,3 +280,19 @@ def test_evaluate_bad_input(clip, tmp_path, capsys):
         last = last_error(capsys, "evaluate.py")
         assert all(w in last for w in words), last
     assert not any(tmp_path.glob("*/metrics.json"))
+
+
+def test_a_content_folder_without_prompt_txt_takes_the_default_prompt(model, tmp_path):
+    """b4m.py: only auxiliary sets need a prompt.txt; content and style fall back to the defaults."""
+    content = tmp_path / "content"
+    content.mkdir()
+    for path in (EXAMPLES / "content").glob("*.png"):
+        shutil.copy(path, content / path.name)
+    out = tmp_path / "out"
+    assert b4m.main(["--content", str(content), "--style", str(EXAMPLES / "style"),
+                     "--model", str(model), "--rank", "4", "--resolution", "64", "--steps", "1",
+                     "--make-steps", "0", "--grad-accum", "1", "--sample-steps", "1",
+                     "--num-samples", "1", "--sample-resolution", "64", "--out", str(out)]) == 0
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["content_prompt"] == "a photo of snq object"
+    assert settings["style_prompt"] == (EXAMPLES / "style" / "prompt.txt").read_text().strip()
