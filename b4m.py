@@ -1,5 +1,4 @@
-"""
-B4M, "Break-for-Make", in one file: content-style customization of a text-to-image diffusion
+"""B4M, "Break-for-Make", in one file: content-style customization of a text-to-image diffusion
 model with partly learnable LoRA projections (PLP).
 
     Yu Xu, Fan Tang, Juan Cao, Yuxin Zhang, Oliver Deussen, Weiming Dong, Jintao Li, Tong-Yee Lee.
@@ -7,37 +6,31 @@ model with partly learnable LoRA projections (PLP).
     (arXiv 2403.19456, "Break-for-Make"). Preconditioner: Zhang & Pilanci, "Riemannian
     Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
 
-The method needs torch alone and touches no files. Sections 1-5 follow the paper: 1. PLP, 2. the
-orthogonal prior, 3. the Riemannian-preconditioned AdamW, 4. break (with MCP), 5. make; then
-6. sample and 7. the flow-matching loss for SD3 and FLUX.1 (not in the paper). The plumbing:
-8. the naive baseline, 9. models (diffusers), 10. files, 11. the command line.
+The method (sections 1-7) needs torch alone and touches no files: 1. PLP, 2. the orthogonal prior,
+3. the preconditioned AdamW, 4. break (with MCP), 5. make, as in the paper; 6. sample; 7. the
+flow-matching loss of SD3 and FLUX.1. Plumbing: 8. the naive baseline, 9. models, 10. files, 11.
+the command line.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
 """
 import hashlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 __version__ = "0.3.0"
 
-# ---------------------------------------------------------------------------------------------
-# 1. Partly learnable projection (PLP)
+# 1. Partly learnable projection (PLP) --------------------------------------------------------
 #       U = [A; B]  (m x r),   V = [C, D]  (r x n),   dW = U V = [[A C, A D],
 #                                                               [B C, B D]]
 #       A: the first m_f = m // 2 rows of U,  C: the first n_f = n // 2 columns of V (frozen);
 #       B: the other rows of U (learns style), D: the other columns of V (learns content).
 # An adapter, in sections 1-8: {layer name: (U, V)}.
-# ---------------------------------------------------------------------------------------------
-
 
 def halves(U, V):
     """(A, B, C, D) of U (m x r), V (r x n), as views. Odd sizes: B, D get the extra row/column."""
     m_f, n_f = U.shape[0] // 2, V.shape[1] // 2
     return U[:m_f], U[m_f:], V[:, :n_f], V[:, n_f:]
-
 
 class PLPLinear(nn.Module):
     """y = W0 x + U (V x): a frozen linear layer W0 plus a rank-r LoRA whose blocks A and C are
@@ -53,13 +46,11 @@ class PLPLinear(nn.Module):
         # At least fp32: Adam's small updates to B and D would round away in fp16/bf16.
         kw = dict(dtype=torch.promote_types(base.weight.dtype, torch.float32),
                   device=base.weight.device)
-        # A and C are buffers: frozen by construction. No gradient, optimizer or weight decay
-        # reaches them, so they stay bit-identical between the content and the style run.
+        # Buffers: no gradient or weight decay reaches A, C; they stay bit-identical across runs.
         self.register_buffer("A", A.to(**kw))
         self.register_buffer("C", C.to(**kw))
-        # The official init, its LoRALinearLayer's: B = 0, D ~ N(0, 1/r^2). Unlike in a
-        # plain LoRA, dW = [[A C, A D], [0, 0]] is NOT zero at step 0: a fresh PLP already changes
-        # the layer through its frozen rows A, and A C never changes again.
+        # The official init (its LoRALinearLayer's): B = 0, D ~ N(0, 1/r^2). Unlike a plain LoRA,
+        # dW = [[A C, A D], [0, 0]] is not zero at step 0, and A C never changes.
         D = torch.randn(rank, n - n // 2, generator=generator, dtype=torch.float64) / rank
         self.B = nn.Parameter(torch.zeros(m - m // 2, rank, **kw))
         self.D = nn.Parameter(D.to(**kw))
@@ -77,27 +68,19 @@ class PLPLinear(nn.Module):
         h = F.linear(F.linear(x.to(self.B.dtype), self.V), self.U)
         return self.base(x) + h.to(x.dtype)
 
-
-def adapter_of(layers):
-    """{name: PLPLinear} as an adapter: fp32 copies of U and V on the CPU."""
+def adapter_of(layers):  # {name: PLPLinear} as an adapter: fp32 copies of U and V on the CPU
     return {name: (layer.U.detach().float().cpu().contiguous(),
                    layer.V.detach().float().cpu().contiguous()) for name, layer in layers.items()}
 
-
 @torch.no_grad()
-def load_blocks(layers, adapter):
-    """Every block of every layer from an adapter: the scaffold drawn at init is replaced."""
+def load_blocks(layers, adapter):  # every block from an adapter, replacing the init's draw
     for name, layer in layers.items():
         for mine, theirs in zip((layer.A, layer.B, layer.C, layer.D), halves(*adapter[name])):
             mine.copy_(theirs)
 
-
-# ---------------------------------------------------------------------------------------------
-# 2. Orthogonal prior, and a PLP in every attention projection
+# 2. Orthogonal prior, and a PLP in every attention projection --------------------------------
 #       Q = qr(N(0, 1)^{(m_f + n_f) x r}),   A = Q[:m_f],   C = Q[m_f:]^T
 #       =>  A^T A + C C^T = Q^T Q = I_r
-# ---------------------------------------------------------------------------------------------
-
 
 def check_layer_rank(out_features, in_features, rank):
     limit = out_features // 2 + in_features // 2
@@ -105,54 +88,48 @@ def check_layer_rank(out_features, in_features, rank):
         raise ValueError(f"rank must be between 1 and m_f + n_f = {limit} "
                          f"for a {out_features}x{in_features} layer, got {rank}")
 
-
 def orthogonal_prior(out_features, in_features, rank, generator=None):
     """The frozen scaffold (A, C), cut from one orthonormal basis. Why: the two frozen blocks then
     share the r directions without redundancy (A^T A + C C^T = I), and when r <= m_f, n_f each of
-    A and C alone has full rank r, so the Gram matrices U^T U and V V^T that the preconditioner of
-    section 3 inverts are invertible from the first step, whatever B and D are.
-    float64, on the CPU: the same (seed, layer) gives the same A and C whatever the device."""
+    A and C alone has full rank r, so the Gram matrices U^T U and V V^T that section 3 inverts are
+    invertible from the first step, whatever B and D are. float64 on the CPU: the same (seed,
+    layer) gives the same A and C on every device."""
     check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     Q, R = torch.linalg.qr(torch.randn(m_f + n_f, rank, generator=generator, dtype=torch.float64))
     Q = Q * torch.sign(torch.diagonal(R))  # the unique QR (R's diagonal > 0): Q is the draw's alone
     return Q[:m_f], Q[m_f:].T.contiguous()
 
-
 def random_prior(out_features, in_features, rank, generator=None):
     """Ablation (--no-orth-prior): A and C drawn independently, at the orthonormal draw's scale
     (an entry of a unit vector of length m_f + n_f)."""
-    check_layer_rank(out_features, in_features, rank)  # the ranks the prior it replaces takes
+    check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     std = (m_f + n_f) ** -0.5
     A = torch.randn(m_f, rank, generator=generator, dtype=torch.float64) * std
     return A, torch.randn(rank, n_f, generator=generator, dtype=torch.float64) * std
 
-
 def seeded(seed, name):
-    """A CPU generator seeded by (seed, name). The content and the style run must draw the same
-    A and C in every layer, or make would join halves learned against different scaffolds: each
-    layer draws from its own (seed, layer name). sha256, not hash(): Python salts hash() per run."""
+    """A CPU generator seeded by (seed, name): the content and the style run draw the same A and C
+    in every layer, each layer from its own (seed, layer name), or make would join halves learned
+    against different scaffolds. sha256, not hash(): Python salts hash() per run."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
 
 # Every attention projection: a UNet's to_q, to_k, to_v, to_out.0 (self- and cross-attention);
 # in an MMDiT (SD3, FLUX) also the text stream's add_q_proj, add_k_proj, add_v_proj, to_add_out.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
            "to_add_out")
 
-
 def is_target(name, module):
     return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, nn.Linear)
 
-
 def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
-    """Wrap every attention projection of the denoiser (TARGETS) in a PLPLinear, as the paper
-    does; no feed-forward or convolution layers. Returns {module name: PLPLinear}.
-    scale (--prior-scale, not in the paper; 1: as drawn): multiplies A, C and D's initial draw,
-    so the step-0 change dW = [[A C, A D], [0, 0]] shrinks by scale^2. Where r is a sizeable part
-    of m_f + n_f (a small model), the orthonormal A C can be as large as W0's own corner."""
+    """Wrap every attention projection (TARGETS) in a PLPLinear, as the paper does; no
+    feed-forward or convolution layers. Returns {module name: PLPLinear}. scale (--prior-scale,
+    not in the paper; 1: as drawn) multiplies A, C and D's draw, so the step-0 change
+    dW = [[A C, A D], [0, 0]] shrinks by scale^2: where r is a sizeable part of m_f + n_f (a small
+    model), the orthonormal A C can be as large as W0's own corner."""
     layers = {}
     for name, module in list(denoiser.named_modules()):  # a snapshot: the loop replaces modules
         if is_target(name, module):
@@ -164,46 +141,35 @@ def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
             denoiser.set_submodule(name, layers[name])
     return layers
 
-
-def remove_plp(denoiser):
-    """The denoiser as it was: every PLPLinear replaced by its frozen base layer."""
+def remove_plp(denoiser):  # the denoiser as it was: each PLPLinear back to its base layer
     for name, module in list(denoiser.named_modules()):
         if isinstance(module, PLPLinear):
             denoiser.set_submodule(name, module.base)
 
-
-# ---------------------------------------------------------------------------------------------
-# 3. Riemannian preconditioned step (Zhang & Pilanci 2024), used by make (section 5)
+# 3. Riemannian preconditioned step (Zhang & Pilanci 2024), used by make (section 5) ------------
 #       G_B <- G_B (V V^T + delta I)^-1,      G_D <- (U^T U + delta I)^-1 G_D,      then AdamW
-# ---------------------------------------------------------------------------------------------
-
 
 def riemannian_precondition(U, V, G_B, G_D, delta=1e-6):
     """Preconditioned gradients of B (any block of rows of U) and D (any block of columns of V).
-
     Why: dW = U V has many factorisations (U M, M^-1 V), and a plain gradient step depends on
-    which one the optimizer holds. With these gradients a plain (SGD) step on the full U
-    and V, at delta = 0, changes dW to first order by -lr (G P_row(V) + P_col(U) G), G = dL/d(dW):
-    it depends only on U's column space and V's row space, the same for every factorisation.
-    B4M steps only B and D, and through AdamW (the official choice), so this is the motivation
-    rather than an exact property of make's step. In B4M this is what balances content and
-    style: B's step (style) is rescaled by V's Gram matrix, which holds the content half D, and
-    D's step (content) by U's Gram matrix, which holds the style half B.
+    which one the optimizer holds. With these gradients a plain (SGD) step on the full U and V,
+    at delta = 0, changes dW to first order by -lr (G P_row(V) + P_col(U) G), G = dL/d(dW): it
+    depends only on U's column space and V's row space. B4M steps only B and D, through AdamW
+    (the official choice), so this is the motivation rather than an exact property of make's
+    step. In B4M it balances content and style: B's step (style) is rescaled by V's Gram matrix,
+    which holds the content half D, and D's step by U's, which holds the style half B.
     The r x r factors act on the rank side, so preconditioning the full gradients of U and V and
-    then keeping the B rows and D columns is the same as this. Batched over a leading dimension.
-    delta is absolute: under the orthogonal prior U^T U and V V^T are of order 1, so 1e-6 only
-    guards ranks above m_f or n_f, where A or C alone cannot fill r dimensions."""
+    keeping the B rows and D columns is the same. Batched over a leading dimension. delta is
+    absolute: under the orthogonal prior U^T U and V V^T are of order 1."""
     eye = delta * torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     G_B = torch.linalg.solve(V @ V.mT + eye, G_B, left=False)  # G_B (V V^T + delta I)^-1
     G_D = torch.linalg.solve(U.mT @ U + eye, G_D)  # (U^T U + delta I)^-1 G_D
     return G_B, G_D
 
-
 class RiemannianAdamW(torch.optim.AdamW):
     """AdamW on the B and D of PLP layers, fed preconditioned gradients ("scaled AdamW": the
-    preconditioner acts on the gradient that Adam's moments see, not on Adam's step). U and V
-    are read as they are at each step, nothing is cached. Two parameter groups, every B and
-    every D, so that the training loop clips the two halves apart."""
+    preconditioner acts on the gradient Adam's moments see). U and V are read as they are at each
+    step. Two parameter groups, every B and every D, so that each half is clipped on its own."""
 
     def __init__(self, layers, lr=1e-4, delta=1e-6, **adamw):  # adamw: betas, eps, weight_decay
         self.delta, self.same_shape = delta, {}  # layers that torch.stack batches in one solve
@@ -219,16 +185,14 @@ class RiemannianAdamW(torch.optim.AdamW):
         if closure is not None:
             raise ValueError("RiemannianAdamW needs the gradients before the step: "
                              "call backward(), then step()")
-        for group in self.same_shape.values():
-            # A layer the loss does not reach has no gradient in either half (leave_unreached,
-            # section 4): it is left as it is, as AdamW leaves such parameters.
+        for group in self.same_shape.values():  # one batch of solves per shape, one at a time
+            # A layer the loss does not reach (leave_unreached) is left as it is, as AdamW would.
             group = [layer for layer in group
                      if layer.B.grad is not None or layer.D.grad is not None]
             if any(layer.B.grad is None or layer.D.grad is None for layer in group):
                 raise ValueError("RiemannianAdamW: a layer needs gradients for both B and D")
-            if group:  # one batch of r x r solves per shape: SDXL's 140 layers in a few solves
-                U = torch.stack([layer.U for layer in group])  # one block at a time: less memory
-                V = torch.stack([layer.V for layer in group])
+            if group:
+                U, V = torch.stack([l.U for l in group]), torch.stack([l.V for l in group])  # noqa
                 G_B = torch.stack([layer.B.grad for layer in group])
                 G_D = torch.stack([layer.D.grad for layer in group])
                 P_B, P_D = riemannian_precondition(U, V, G_B, G_D, self.delta)
@@ -236,33 +200,23 @@ class RiemannianAdamW(torch.optim.AdamW):
                     layer.B.grad, layer.D.grad = P_B_i, P_D_i
         return super().step()
 
-
-# ---------------------------------------------------------------------------------------------
-# 4. Break: two PLPs trained apart, with multi-correspondence projection learning (MCP)
+# 4. Break: two PLPs trained apart, with multi-correspondence projection learning (MCP) --------
 #       content stage:  D <- grad_D L_content,   B <- grad_B mean_k L_aux_style_k
 #       style stage:    B <- grad_B L_style,     D <- grad_D mean_k L_aux_content_k
 #       L = || eps_theta(z_t, t, c) - target ||^2,   target = eps, or v (v-prediction models)
-# ---------------------------------------------------------------------------------------------
-# B4M learns the content in the down projection's half D and the style in the up projection's
-# half B (the official scripts). One way to read it (ours, not the paper's words): V reads the
-# layer's input, choosing the directions the adapter responds to, and U writes the output,
-# choosing what it adds there.
-# MCP keeps each half general: while one half learns its concept, the other is trained on other
-# concepts of the other kind, so that halves learned in different runs work together in make.
-#
+# Content goes to the down projection's half D, style to the up projection's half B (the
+# official scripts). MCP keeps each half general: while one half learns its concept, the other
+# is trained on other concepts of the other kind, so that halves from different runs fit in make.
 # A set: one folder of images and its prompt, encoded once before training (section 9):
 #   {"mean", "std": each image's latent posterior, in the denoiser's latent scale (N x c x h x w),
 #    "cond": the prompt's conditioning for the denoiser (a dict of tensors, batch 1)}.
-# A loss: loss(sets, generator) -> one value per set: denoising_loss (or section 7's) with its
-# model, scheduler and batch size bound (section 9's training_loss).
+# A loss: loss(sets, generator) -> one value per set (denoising_loss, or section 7's, with its
+# model, scheduler and batch size bound: section 9's training_loss).
 
-
-def denoise(unet, z_t, t, cond):
-    """eps_theta(z_t, t, c); SDXL's UNet also takes its pooled text embedding and size ids."""
+def denoise(unet, z_t, t, cond):  # eps_theta(z_t, t, c); SDXL's also takes pooled text, sizes
     extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
     return unet(z_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
                 added_cond_kwargs=extra or None).sample
-
 
 def draw_batch(sets, batch_size, generator):
     """batch_size images of each set, with replacement: a fresh z0 ~ q(z | image) of each and the
@@ -277,64 +231,53 @@ def draw_batch(sets, batch_size, generator):
             cond.setdefault(k, []).append(v.expand(batch_size, *v.shape[1:]))
     return torch.cat(z0), {k: torch.cat(v) for k, v in cond.items()}
 
-
 def per_set(pred, target, sets):
     """Plain MSE per image, then the mean over each set's images: no SNR weighting and no prior
     preservation, as in the official scripts."""
     per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
     return per_image.view(len(sets), -1).mean(1)
 
-
 def denoising_loss(unet, noise_scheduler, batch_size, sets, generator):
-    """L of each set, all sets in one forward (the UNet treats every image of a batch on its own).
-    Fresh noise and timesteps for every set (the official scripts reuse the main batch's for the
-    auxiliary one). noise_scheduler: a diffusers DDPMScheduler."""
+    """L of each set, all sets in one forward, with fresh noise and timesteps for every set (the
+    official scripts reuse the main batch's for the auxiliary one). noise_scheduler: diffusers'
+    DDPMScheduler."""
     z0, cond = draw_batch(sets, batch_size, generator)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(z0),),
                       generator=generator).to(z0.device)
     z_t = noise_scheduler.add_noise(z0, noise, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x
-        target = noise_scheduler.get_velocity(z0, noise, t)  # sqrt(abar_t) eps - sqrt(1-abar_t) z0
-    else:
-        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type}: b4m trains "
-                         f"epsilon and v-prediction models")
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {kind}: b4m trains epsilon and v-prediction models")
+    # v (SD 2.x): sqrt(abar_t) eps - sqrt(1 - abar_t) z0
+    target = noise if kind == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
     return per_set(denoise(unet, z_t.to(unet.dtype), t, cond), target, sets)
-
 
 def loss_scaler(module):
     """fp16 models: gradients through fp16 activations underflow without loss scaling (as in
-    diffusers' scripts). For fp32 and bf16 models a disabled scaler, a no-op."""
+    diffusers' scripts). fp32 and bf16: a disabled scaler, a no-op."""
     weight = next(module.parameters())
     return torch.amp.GradScaler(weight.device.type, enabled=weight.dtype == torch.float16)
 
-
 def leave_unreached(optimizer):
     """A half whose gradient is exactly zero is one the loss does not reach (SD3's last
-    add_q_proj: that block's text output is discarded). Its gradient set to None, AdamW leaves it
-    as it is instead of shrinking it by weight decay. (A reached half's gradient is not exactly
-    zero in practice: B's is G's bottom rows times V^T, D's is U^T times G's right columns.)"""
+    add_q_proj, whose text output is discarded): its gradient set to None, AdamW leaves it as it
+    is instead of shrinking it by weight decay."""
     for half in optimizer.param_groups:
         for p in half["params"]:
             if p.grad is not None and not p.grad.any():
                 p.grad = None
 
-
 def clip_and_step(optimizer, scaler, max_grad_norm):
-    """Clip each trained half (an optimizer parameter group) to max_grad_norm (0: off), as the
-    official scripts clip each half, then step. scaler: fp16's loss scaler, else a no-op."""
+    """Clip each trained half (a parameter group) to max_grad_norm (0: off), as the official
+    scripts clip each half, then step. scaler: fp16's loss scaler, else a no-op."""
     scaler.unscale_(optimizer)  # clipping sees the true gradients
     if max_grad_norm:
         for half in optimizer.param_groups:
             nn.utils.clip_grad_norm_(half["params"], max_grad_norm)
     scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
     scaler.update()
-    # None, not zero: a half that gets no gradient at all (--no-mcp) is skipped by AdamW, so its
-    # weight decay leaves it as it is too.
-    optimizer.zero_grad(set_to_none=True)
-
+    optimizer.zero_grad(set_to_none=True)  # None: a half with no gradient (--no-mcp) is skipped
 
 def resume(checkpoint, optimizer, scaler, generator):
     """(first step, loss log): 1 and [] for a fresh stage, else where `checkpoint` (step, log,
@@ -352,17 +295,16 @@ def resume(checkpoint, optimizer, scaler, generator):
     generator.set_state(checkpoint["generator"])
     return checkpoint["step"] + 1, list(checkpoint["log"])
 
-
 def break_stage(stage, denoiser, loss, content, style, aux=None, *, rank, seed, steps, lr, aux_lr,
                 grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior,
                 prior_scale=1.0, checkpoint=None, on_step=None):
     """The content stage ("content") or the style stage ("style") of break, on the two target
     sets. aux: the auxiliary sets, of the other kind (styles for the content stage); None: the
-    other target set is the one auxiliary set (b4m's default; the official scripts require three
-    auxiliary folders). mcp=False (--no-mcp): no auxiliary loss, the other half stays as drawn.
-    lr: the stage's own half (official 1e-4); aux_lr: the other half (official 1e-5).
-    on_step(step, log, optimizer, scaler, generator) runs after every step (progress,
-    checkpoints); checkpoint: what it saw, to continue from. Returns (adapter, loss log)."""
+    other target set (b4m's default; the official scripts require three auxiliary folders).
+    mcp=False (--no-mcp): no auxiliary loss, the other half stays as drawn. lr: the stage's own
+    half (official 1e-4); aux_lr: the other half (official 1e-5). on_step(step, log, optimizer,
+    scaler, generator) runs after every step; checkpoint: what it saw, to continue from.
+    Returns (adapter, loss log)."""
     target, partner = (content, style) if stage == "content" else (style, content)
     aux = (aux or [partner]) if mcp else []
     layers = add_plp(denoiser, rank, seed, prior, prior_scale)
@@ -396,13 +338,9 @@ def break_stage(stage, denoiser, loss, content, style, aux=None, *, rank, seed, 
         remove_plp(denoiser)
     return adapter_of(layers), log
 
-
-# ---------------------------------------------------------------------------------------------
-# 5. Make: reassemble and fine-tune briefly
+# 5. Make: reassemble and fine-tune briefly ---------------------------------------------------
 #       U = [A; B_style],   V = [C, D_content],
 #       then B, D <- RiemannianAdamW on L = L_content + L_style (no auxiliary sets)
-# ---------------------------------------------------------------------------------------------
-
 
 def reassemble(content, style, content_scale=1.0, style_scale=1.0):
     """The made adapter, U = [A; s_s B_style], V = [C, s_c D_content] per layer (s_c = s_s = 1 in
@@ -419,14 +357,12 @@ def reassemble(content, style, content_scale=1.0, style_scale=1.0):
                       torch.cat([C, content_scale * D_content], 1))
     return made
 
-
 def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *, rank, seed,
                steps, lr, grad_accum=1, max_grad_norm=1.0, precondition=True, checkpoint=None,
                on_step=None):
-    """The made adapter: the break stages' adapters (content_adapter, style_adapter) reassembled,
-    then B and D fine-tuned together on the two target sets (official lr 1e-4).
-    precondition=False (--no-precondition): plain AdamW.
-    on_step, checkpoint: as in break_stage. Returns (adapter, loss log)."""
+    """The break stages' adapters reassembled, then B and D fine-tuned together on the two target
+    sets (official lr 1e-4). precondition=False (--no-precondition): plain AdamW. on_step,
+    checkpoint: as in break_stage. Returns (adapter, loss log)."""
     layers = add_plp(denoiser, rank, seed)  # the same modules the break stages adapted
     load_blocks(layers, reassemble(content_adapter, style_adapter))
     if precondition:
@@ -435,8 +371,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
         optimizer = torch.optim.AdamW([{"params": [layer.B for layer in layers.values()]},
                                        {"params": [layer.D for layer in layers.values()]}], lr=lr)
     trained = [p for half in optimizer.param_groups for p in half["params"]]  # every B and D
-    # make's random stream is named after the made adapter, "b4m", as its files are.
-    generator, scaler = seeded(seed, "b4m"), loss_scaler(denoiser)
+    generator, scaler = seeded(seed, "b4m"), loss_scaler(denoiser)  # "b4m": the made adapter
     first, log = resume(checkpoint, optimizer, scaler, generator)
     try:
         for step in range(first, steps + 1):
@@ -447,9 +382,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
                 scaler.scale(L / grad_accum).backward(inputs=trained)
                 L_total += L.item() / grad_accum
             leave_unreached(optimizer)
-            # B and D each clipped once, after both losses; RiemannianAdamW then preconditions the
-            # clipped gradients.
-            clip_and_step(optimizer, scaler, max_grad_norm)
+            clip_and_step(optimizer, scaler, max_grad_norm)  # then RiemannianAdamW preconditions
             log.append([step, L_total])
             if on_step:
                 on_step(step, log, optimizer, scaler, generator)
@@ -457,12 +390,8 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
         remove_plp(denoiser)
     return adapter_of(layers), log
 
-
-# ---------------------------------------------------------------------------------------------
-# 6. Sample: the made adapter is an ordinary diffusers LoRA
+# 6. Sample: the made adapter is an ordinary diffusers LoRA -----------------------------------
 #       W = W0 + U V in every adapted projection; generate with the combined prompt
-# ---------------------------------------------------------------------------------------------
-
 
 def diffusers_keys(adapter, prefix):
     """An adapter in diffusers' LoRA layout, scale 1. Its letters are not the paper's: diffusers'
@@ -472,7 +401,6 @@ def diffusers_keys(adapter, prefix):
         sd[f"{prefix}.{name}.lora_A.weight"] = V
         sd[f"{prefix}.{name}.lora_B.weight"] = U
     return sd
-
 
 def generate(pipe, adapter, prompt, *, num_samples, steps, resolution, seed, guidance=None):
     """Images from a diffusers pipeline with the adapter put in by diffusers' own loader: the
@@ -490,18 +418,14 @@ def generate(pipe, adapter, prompt, *, num_samples, steps, resolution, seed, gui
     finally:
         denoiser.unload_lora()
 
-
-# ---------------------------------------------------------------------------------------------
-# 7. Flow-matching transformers (SD3 / SD3.5, FLUX.1): the loss that changes
+# 7. Flow-matching transformers (SD3 / SD3.5, FLUX.1): the loss that changes -------------------
 #       x_t = (1 - sigma) x0 + sigma eps,    L = || v_theta(x_t, t, c) - (eps - x0) ||^2
 #       (sections 1-5 are unchanged: the PLP split is defined on any nn.Linear)
-# ---------------------------------------------------------------------------------------------
 # As diffusers' DreamBooth LoRA scripts for SD3 and FLUX train: sigma read from a fresh copy of
 # the model's FlowMatchEulerDiscreteScheduler at a timestep drawn from a density, logit-normal
 # (mean 0, std 1) for SD3 and uniform for FLUX, each its script's default. Dropped, for one plain
 # loss across families: the SD3 script's output preconditioning (on by default; it weights this
 # loss by sigma^2) and its optional weighting schemes.
-
 
 def flow_matching_loss(velocity, noise_scheduler, batch_size, sets, generator, density):
     """L of each set, like denoising_loss. velocity(x_t, t, cond): the transformer's prediction
@@ -528,24 +452,18 @@ import argparse, contextlib, csv, io, itertools, json, math, os, re, signal, sys
 from importlib.metadata import version as package_version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------
-# 8. The naive baseline (--baseline lora-merge): two ordinary LoRAs trained apart, summed
-# ---------------------------------------------------------------------------------------------
-
-
+# 8. The naive baseline (--baseline lora-merge): two ordinary LoRAs trained apart, summed -------
 def lora_stage(stage, denoiser, loss, data, *, rank, seed, steps, lr, grad_accum=1,
                max_grad_norm=1.0, checkpoint=None, on_step=None):
-    """An ordinary peft LoRA as diffusers' scripts train one: plain AdamW on its set's loss,
-    every parameter stepped, the "gaussian" init they ask of peft (V ~ N(0, 1/r^2), U = 0), drawn
-    from our own generator."""
+    """An ordinary peft LoRA as diffusers' scripts train one: AdamW on its set's loss, every
+    parameter stepped, the "gaussian" init they ask of peft (V ~ N(0, 1/r^2), U = 0)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)),
                          adapter_name=stage)
     named = [(n, p) for n, p in denoiser.named_parameters() if f".{stage}." in n]
     generator = seeded(seed, stage)
-    for n, p in named:  # fp32, whatever the model's dtype
+    for n, p in named:  # drawn from our generator, fp32 whatever the model's dtype
         p.data = (torch.randn(p.shape, generator=generator) / rank if "lora_A" in n
                   else torch.zeros(p.shape)).to(p.device)
     params = [p for _, p in named]
@@ -568,80 +486,57 @@ def lora_stage(stage, denoiser, loss, data, *, rank, seed, steps, lr, grad_accum
     return {k[:-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float().cpu(),
                                           v.float().cpu())
             for k, v in sd.items() if k.endswith(".lora_A.weight")}, log
-
-
 def merge_loras(content, style):
     """Sum of two rank-r LoRAs = one rank-2r LoRA: U = [U_c, U_s], V = [V_c; V_s]."""
     return {name: (torch.cat([U, style[name][0]], 1), torch.cat([V, style[name][1]], 0))
             for name, (U, V) in content.items()}
 
-
-# ---------------------------------------------------------------------------------------------
 # 9. Models: any diffusers SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline; the sets of section 4
-# ---------------------------------------------------------------------------------------------
-
-PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
-             "StableDiffusion3Pipeline": "transformer", "FluxPipeline": "transformer"}
-
-
+PIPELINES = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel"),  # (folder, class)
+             "StableDiffusionXLPipeline": ("unet", "UNet2DConditionModel"),
+             "StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel"),
+             "FluxPipeline": ("transformer", "FluxTransformer2DModel")}
 class UsageError(Exception):
     """Bad input or a run that cannot go on: main() prints it as one line and exits with code 2."""
-
-
-def denoiser_of(pipe):
-    """(the UNet of SD/SDXL or the transformer of SD3/FLUX, its LoRA key prefix)."""
+def denoiser_of(pipe):  # (the UNet of SD/SDXL or the transformer of SD3/FLUX, its key prefix)
     unet = getattr(pipe, "unet", None)
     return (unet, "unet") if unet is not None else (pipe.transformer, "transformer")
-
-
 def is_flux(pipe):
     return type(pipe).__name__ == "FluxPipeline"
-
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts, resolution):
-    """Denoiser conditioning by the pipeline's own encode_prompt: 'encoder_hidden_states'; for
-    SDXL the pooled 'text_embeds' and 'time_ids' (size, crop (0, 0), size); for SD3 and FLUX the
-    pooled 'pooled_projections'."""
-    dev = pipe.device
-    if is_flux(pipe):  # CLIP + T5; its text ids are all zero
-        emb, pooled, _ = pipe.encode_prompt(prompts, None, device=dev)
+    """Conditioning by the pipeline's own encode_prompt: 'encoder_hidden_states', and the pooled
+    embedding: SDXL's 'text_embeds' with 'time_ids' (size, crop (0, 0), size), or SD3's and
+    FLUX's 'pooled_projections'."""
+    kw = {} if is_flux(pipe) else {"do_classifier_free_guidance": False}
+    if type(pipe).__name__ == "StableDiffusion3Pipeline":  # CLIP x 2 + T5: the same prompt
+        kw.update(prompt_2=None, prompt_3=None)
+    out = pipe.encode_prompt(prompts, device=pipe.device, num_images_per_prompt=1, **kw)
+    if len(out) == 2:  # SD 1.x/2.x: (embeddings, negative embeddings)
+        return {"encoder_hidden_states": out[0]}
+    emb, pooled = out[0], out[1 if is_flux(pipe) else 2]  # FLUX: (emb, pooled, text ids)
+    if denoiser_of(pipe)[1] == "transformer":
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-    if denoiser_of(pipe)[1] == "transformer":  # SD3: CLIP x 2 + T5
-        emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev,
-                                               do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x/2.x: one text encoder
-        return {"encoder_hidden_states": pipe.encode_prompt(prompts, dev, 1, False)[0]}
-    emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
-                                           do_classifier_free_guidance=False)
     ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts))
-    return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.to(dev, emb.dtype)}
-
-
+    return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.to(emb)}
 @torch.no_grad()
 def encode_set(pipe, pixels, prompt):
-    """A set (section 4) from pixels (N x 3 x H x W in [-1, 1]) and a prompt, once, before
-    training. Latents are (z - shift) * scale with the VAE's own factors (SD3, FLUX shift)."""
+    """A set (section 4) from pixels (N x 3 x H x W in [-1, 1]) and a prompt. Latents are
+    (z - shift) * scale with the VAE's own factors (SD3, FLUX shift)."""
     vae, dtype = pipe.vae, pipe.vae.dtype
     vae.float()  # encode in fp32: SD/SDXL VAEs overflow in fp16
     dists = [vae.encode(x.to(vae.device)).latent_dist for x in pixels.split(4)]
     vae.type(dtype)
-    sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
-    mean = torch.cat([d.mean for d in dists])
-    if shift:  # (mean + std eps - shift) sf = (mean - shift) sf + (std sf) eps
-        mean = mean - shift
+    sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0
+    mean = torch.cat([d.mean for d in dists]) - shift  # (mean + std eps - shift) sf
     return {"mean": mean * sf, "std": torch.cat([d.std for d in dists]) * sf,
             "cond": encode_prompts(pipe, [prompt], pixels.shape[-1])}
-
-
 def training_loss(pipe, batch_size, guidance):
-    """loss(sets, generator) for the stages: denoising_loss with a DDPM copy of the pipeline's
-    scheduler (SD, SDXL), or flow_matching_loss with a fresh FlowMatchEulerDiscreteScheduler and
-    the transformer's velocity. FLUX takes latents packed 2 x 2, position ids, t / 1000 and, if
+    """loss(sets, generator): denoising_loss with a DDPM copy of the pipeline's scheduler (SD,
+    SDXL), or flow_matching_loss with a fresh FlowMatchEulerDiscreteScheduler and the
+    transformer's velocity. FLUX takes latents packed 2 x 2, position ids, t / 1000 and, if
     guidance-distilled (FLUX.1 dev), a guidance value, as diffusers' FLUX script."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
     denoiser, prefix = denoiser_of(pipe)
     if prefix == "unet":
         ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -663,83 +558,58 @@ def training_loss(pipe, batch_size, guidance):
     flow = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     density = "uniform" if is_flux(pipe) else "logit_normal"
     return lambda sets, g: flow_matching_loss(velocity, flow, batch_size, sets, g, density)
-
-
 def check_rank(rank, denoiser):
     limit = min(m.out_features // 2 + m.in_features // 2
                 for n, m in denoiser.named_modules() if is_target(n, m))
     if rank > limit:  # m_f + n_f >= r in every adapted layer (section 2)
-        raise UsageError(f"--rank {rank}: this model's smallest attention projection allows "
-                         f"at most {limit}")
-
-
+        raise UsageError(f"--rank {rank}: this model's smallest attention layer allows {limit}")
 def check_model(model, rank):
     """Before any weights load: a pipeline b4m trains, by folder or hub id, whose attention
     layers allow the rank (checked on a weightless 'meta' copy of the denoiser)."""
-    from diffusers import (DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel)
-
+    import diffusers
     try:
-        kind = DiffusionPipeline.load_config(model)["_class_name"]
-        denoiser = {"StableDiffusion3Pipeline": SD3Transformer2DModel,
-                    "FluxPipeline": FluxTransformer2DModel}.get(kind, UNet2DConditionModel)
-        config = kind in PIPELINES and denoiser.load_config(model, subfolder=PIPELINES[kind])
+        kind = diffusers.DiffusionPipeline.load_config(model)["_class_name"]
+        folder, cls = PIPELINES.get(kind, (None, None))
+        config = folder and getattr(diffusers, cls).load_config(model, subfolder=folder)
     except Exception as e:
         raise UsageError(f"--model {model}: no diffusers pipeline there ({type(e).__name__}); "
-                         f"pass a folder written by save_pretrained, or a hub id that is cached "
-                         f"or reachable") from None
+                         "pass a folder written by save_pretrained or a reachable hub id") from None
     if not config:  # img2img, inpainting, ...: their call takes other inputs
         raise UsageError(f"--model {model}: a {kind}; b4m needs an SD 1.x/2.x, SDXL, SD3/SD3.5 "
                          f"or FLUX.1 text-to-image pipeline")
     with torch.device("meta"):
-        check_rank(rank, denoiser.from_config(config))
-
-
-def load_pipeline(model, device, dtype):
-    """The pipeline, frozen, in eval mode (no dropout: one prompt always encodes the same)."""
+        check_rank(rank, getattr(diffusers, cls).from_config(config))
+def load_pipeline(model, device, dtype):  # frozen, in eval mode: no dropout in the text encoder
     from diffusers import DiffusionPipeline
-
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
     except Exception as e:
         raise UsageError(f"--model {model}: could not load it ({type(e).__name__})") from None
-    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
         if isinstance(part, nn.Module):
             part.requires_grad_(False).eval()
     return pipe
-
-
 def model_sizes(pipe, args):
     """The sampling size (default: the model's own, 1024 for SDXL and FLUX.1); SD3 and FLUX
     patch latents 2 x 2, so both sizes must be multiples of 16 for the real models."""
     denoiser, prefix = denoiser_of(pipe)
     latents = denoiser.config.sample_size if prefix == "unet" else pipe.default_sample_size
     args.sample_resolution = args.sample_resolution or latents * pipe.vae_scale_factor
-    for flag, size in (("--resolution", args.resolution), ("--sample-resolution",
-                                                           args.sample_resolution)):
+    for flag, size in (("--resolution", args.resolution),
+                       ("--sample-resolution", args.sample_resolution)):
         if prefix == "transformer" and size % (2 * pipe.vae_scale_factor):
             raise UsageError(f"{flag} {size}: this model needs a multiple of "
                              f"{2 * pipe.vae_scale_factor}")
 
-
-# ---------------------------------------------------------------------------------------------
 # 10. Files: image folders in; every write all or nothing (a temporary file in the same folder,
 #    fsync, os.replace); adapters in safetensors, in diffusers' key layout and, for UNets, in the
 #    kohya layout that ComfyUI and AUTOMATIC1111 read.
-# ---------------------------------------------------------------------------------------------
-
 WEIGHTS, KOHYA = "pytorch_lora_weights.safetensors", "{}_kohya.safetensors"
-CHECKPOINT = "checkpoint.pt"
-IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
+CHECKPOINT, IMAGES = "checkpoint.pt", (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def open_image(path, resolution):
-    """RGB, EXIF-upright, transparent pixels white, 16-bit grey cut to 8 bits, centre-cropped to
-    resolution x resolution. Raises on unreadable files."""
+    """RGB, EXIF-upright, transparent pixels white, 16-bit grey cut to 8 bits, centre-cropped."""
     from PIL import Image, ImageOps
-
     with Image.open(path) as img:
         img.draft("RGB", (resolution, resolution))  # JPEG: decode at reduced size, cheap when huge
         img = ImageOps.exif_transpose(img)
@@ -748,24 +618,10 @@ def open_image(path, resolution):
         if "A" in img.getbands() or "transparency" in img.info:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return ImageOps.fit(img.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
-
-
-def read_images(files, resolution):
-    """The readable ones, each unreadable file named in a warning and skipped."""
-    images = []
-    for path in files:
-        try:
-            images.append(open_image(path, resolution))
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
-                  file=sys.stderr)
-    return images
-
-
 def load_image_set(flag, folder, resolution):
     """(pixels in [-1, 1], N x 3 x H x W; the folder's prompt.txt or None). Unreadable images are
     named in a warning and skipped."""
-    folder, prompt = Path(folder), None
+    folder, prompt, images = Path(folder), None, []
     try:
         if (folder / "prompt.txt").is_file():  # utf-8-sig: with or without Notepad's BOM
             prompt = (folder / "prompt.txt").read_bytes().decode("utf-8-sig").strip()
@@ -777,18 +633,21 @@ def load_image_set(flag, folder, resolution):
     except OSError as e:
         raise UsageError(f"{flag} {folder}: cannot read it ({e.strerror or e}); pass a readable "
                          f"folder of images") from None
-    images = read_images(files, resolution)
+    for path in files:
+        try:
+            images.append(open_image(path, resolution))
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
+                  file=sys.stderr)
     if not images:
         raise UsageError(f"{flag} {folder}: no readable image ({', '.join(IMAGES)})")
     data = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
                         for im in images])
     pixels = data.view(len(images), resolution, resolution, 3).permute(0, 3, 1, 2)
     return pixels.float() / 127.5 - 1, prompt
-
-
 def write_file(path, data):
     """bytes to a file, all or nothing: a kill, a power cut or a full disk leaves the previous
-    file (or none), never half a file. open() gives the umask's permissions."""
+    file (or none), never half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -804,19 +663,12 @@ def write_file(path, data):
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-
-
-def to_bytes(write):
-    """What write(file) writes into a file, as bytes."""
+def to_bytes(write):  # what write(file) writes into a file, as bytes
     f = io.BytesIO()
     write(f)
     return f.getvalue()
-
-
 def save_json(path, obj):  # allow_nan=False: what b4m writes is always valid JSON
     write_file(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
-
 def save_lora(folder, adapter, prefix, metadata, dtype=torch.float32):
     """folder/<stage>_kohya.safetensors (UNets only: diffusers' kohya converter has no mapping for
     transformers, and ComfyUI reads their diffusers keys as they are; alpha = rank, scale 1),
@@ -824,19 +676,14 @@ def save_lora(folder, adapter, prefix, metadata, dtype=torch.float32):
     metadata key: safetensors orders several at random, and a run must give identical bytes."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save
-
     sd = {k: v.to(dtype) for k, v in diffusers_keys(adapter, prefix).items()}
     meta = {"b4m": json.dumps(metadata, sort_keys=True)}
     if prefix == "unet":
         kohya = convert_state_dict_to_kohya(sd)
         write_file(Path(folder) / KOHYA.format(metadata["stage"]), save(kohya, metadata=meta))
     write_file(Path(folder) / WEIGHTS, save(sd, metadata=meta))
-
-
-def read_lora(path):
-    """(tensors, b4m's metadata or None) of a safetensors file; UsageError if unreadable."""
+def read_lora(path):  # (tensors, b4m's metadata or None) of a safetensors file
     from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = (f.metadata() or {}).get("b4m")
@@ -844,11 +691,9 @@ def read_lora(path):
     except Exception as e:
         raise UsageError(f"{path}: not a readable safetensors adapter ({type(e).__name__}); "
                          f"restore it or train the run again (--overwrite)") from None
-
-
 def load_lora(path, denoiser, prefix, expect):
-    """An adapter written by save_lora, in the file's dtype, checked against the model and the
-    run: metadata, keys, shapes."""
+    """An adapter written by save_lora, in the file's dtype, checked against the run (metadata)
+    and the model (keys, shapes)."""
     sd, meta = read_lora(path)
     for key, value in expect.items():
         if key != "version" and (meta or {}).get(key) != value:
@@ -868,27 +713,19 @@ def load_lora(path, denoiser, prefix, expect):
     return adapter
 
 
-# ---------------------------------------------------------------------------------------------
-# 11. Command line: flags, --out and --resume, checkpoints, samples
-# ---------------------------------------------------------------------------------------------
-
-
-def number(kind, ok, rule):
-    """An argparse type: kind(text), refused unless finite and ok(value); argparse names the
-    flag in the message."""
+# 11. Command line: flags, --out and --resume, checkpoints, samples -----------------------------
+def number(kind, ok, rule):  # an argparse type: kind(text), refused unless finite and ok(value)
     def parse(text):
         with contextlib.suppress(ValueError):
             if math.isfinite(value := kind(text)) and ok(value):
                 return value
         raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
     return parse
-
-
 INT, STEPS = number(int, lambda v: v > 0, "a whole number > 0"), number(int, lambda v: v >= 0,
                                                                           "a whole number >= 0")
-POSITIVE = number(float, lambda v: v > 0, "a number > 0")
+POSITIVE, FINITE = number(float, lambda v: v > 0, "a number > 0"), number(float, lambda v: True,
+                                                                         "a finite number")
 NON_NEGATIVE = number(float, lambda v: v >= 0, "a number >= 0")
-FINITE = number(float, lambda v: True, "a finite number")
 SIZE = number(int, lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
 SEED = number(int, lambda v: 0 <= v < 2**64, "a whole number from 0 to 2^64 - 1")  # torch's range
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -918,8 +755,7 @@ FLAGS = {
     "--no-precondition": (bool, False, "ablation: plain AdamW in make"),
     "--baseline": (["b4m", "lora-merge"], "b4m", "lora-merge: the paper's naive baseline, two "
                                                  "ordinary LoRAs trained apart and summed")}
-# Sampling flags, for training and `sample` (where they default to the run's).
-SAMPLE_FLAGS = {
+SAMPLE_FLAGS = {  # for training and `sample` (where they default to the run's)
     "--prompt": (str, "a snq object in w@z style", "the made adapter's prompt"),
     "--num-samples": (INT, 4, "images per prompt"),
     "--sample-steps": (INT, 25, "sampling steps (SD3.5 Large Turbo, FLUX.1 schnell: 4)"),
@@ -945,8 +781,6 @@ STAGES = {"content": ("steps", "lr", "aux_lr"), "style": ("steps", "style_lr", "
                    "no_precondition")}
 SAMPLES = re.compile(r"(content|style|b4m)_\d+\.png|grid\.png")  # the PNGs b4m writes
 LOCK = ".b4m.lock"
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
         raise UsageError(message)
@@ -957,8 +791,6 @@ class Parser(argparse.ArgumentParser):
                   if isinstance(kind, list) else dict(type=kind))
             self.add_argument(flag, default=None if runs else default, **kw,
                               help=f"{text} (default: {'the run' if runs else default})".lstrip())
-
-
 def parse_args(argv):
     if argv[:1] == ["sample"]:
         p = Parser(prog="b4m.py sample", description="Sample again from a finished run.")
@@ -983,8 +815,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.command, args.style_lr = "train", args.style_lr or args.lr
     return args
-
-
 def pick_device(args):
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     device = args.device if args.device != "auto" else "cuda" if cuda else "mps" if mps else "cpu"
@@ -996,60 +826,40 @@ def pick_device(args):
     if dtype == "fp16" and device == "cpu":
         raise UsageError("--dtype fp16: not supported on the CPU; use fp32 or bf16")
     return device, dtype
-
-
-def check_baseline(args):
-    """The lora-merge baseline has no PLP halves: the flags that act on them would do nothing."""
+def check_baseline(args):  # the baseline has no PLP halves: these flags would do nothing
     given = [k for k in ("content_scale", "style_scale", "prior_scale")
              if vars(args).get(k, 1) != 1]
     given += [k for k in ("aux_style", "aux_content", "no_orth_prior", "no_mcp", "no_precondition")
               if vars(args).get(k)]
-    for key in given if args.baseline != "b4m" else []:
-        raise UsageError(f"--{key.replace('_', '-')}: only for B4M runs, not --baseline "
-                             f"{args.baseline}")
-
-
+    if given and args.baseline != "b4m":
+        raise UsageError(f"--{given[0].replace('_', '-')}: only for B4M runs, not --baseline "
+                         f"{args.baseline}")
 def settings_of(args, stage=None):
     return {k: vars(args)[k] for k in RUN + (STAGES[stage] if stage else ())}
-
-
 def adapter_metadata(args, stage):
     return {"stage": NAMES[stage], "method": args.baseline, "rank": args.rank, "seed": args.seed,
             "prior": "random" if args.no_orth_prior else "orthogonal", "base_model": args.model,
             "version": __version__}
-
-
-def read_config(out):
-    """A run's stored settings, or None where `out` holds no b4m run."""
+def read_config(out):  # a run's stored settings, or None where `out` holds no b4m run
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         config = json.loads((Path(out) / "config.json").read_text())
         return config["settings"] if "b4m" in config["versions"] else None
-
-
 @contextlib.contextmanager
 def locked(out):
     """One process per run folder: an exclusive lock on out/.b4m.lock, which the system drops when
     the process ends, also after kill -9, so --resume works after a crash."""
     import fcntl
-
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        f = open(Path(out) / LOCK, "a")
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror}); pick another folder")
-    with f:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / LOCK, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise UsageError(f"--out {out}: another b4m process is using this run; wait for it "
                              f"to finish, or pick another --out") from None
         yield
-
-
 def check_out(out, inputs):
     """--out is refused where b4m would write among files it did not write: a filesystem root,
-    the home folder, an input folder (or inside one, or around one), a file, a folder with files
-    and no b4m run."""
+    the home folder, in, at or around an input folder, a file, a folder with files and no run."""
     out = Path(out).resolve()
     if out == Path(out.anchor) or out == Path.home().resolve():
         raise UsageError(f"--out {out}: a filesystem root or the home folder; pick a new folder")
@@ -1062,8 +872,6 @@ def check_out(out, inputs):
         raise UsageError(f"--out {out}: is a file; pass a folder path")
     if read_config(out) is None and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise UsageError(f"--out {out}: holds files and no b4m run; pick an empty or new folder")
-
-
 def prepare_out(args):
     """Under the lock: a run is touched only with --resume or --overwrite; --overwrite removes
     the run's own files only; --resume needs the same settings. Returns the finished stages."""
@@ -1072,10 +880,9 @@ def prepare_out(args):
         return set()
     if args.overwrite:
         own = [out / name for name in ("config.json", "losses.csv", "report.json")]
-        own += [out / NAMES[s] / f for s in STAGES for f in (WEIGHTS, KOHYA.format(NAMES[s]),
-                                                                CHECKPOINT)]
-        own += [p for p in (out / "samples").glob("*.png") if SAMPLES.fullmatch(p.name)]
-        for path in own:
+        own += [out / NAMES[s] / f for s in STAGES
+                for f in (WEIGHTS, KOHYA.format(NAMES[s]), CHECKPOINT)]
+        for path in own + [p for p in out.glob("samples/*.png") if SAMPLES.fullmatch(p.name)]:
             path.unlink(missing_ok=True)
         return set()
     if not args.resume:
@@ -1085,14 +892,13 @@ def prepare_out(args):
               if old.get(k) != v]
     if differ:
         raise UsageError(f"--resume: settings differ from the run in {out}: {', '.join(differ)}")
-    for folder in (out, out / "samples", *(out / NAMES[s] for s in STAGES)):
-        for tmp in folder.glob(".*.tmp[0-9]*"):  # left by a kill in the middle of a write
+    for folder in ("", "samples", *NAMES.values()):  # files left by a kill in mid-write
+        for tmp in (out / folder).glob(".*.tmp[0-9]*"):
             tmp.unlink()
 
-    def kept(stage):
+    def kept(stage):  # finished, with the same settings
         same = all(old.get(k) == v for k, v in settings_of(args, stage).items())
         return (out / NAMES[stage] / WEIGHTS).exists() and same
-
     done = set(itertools.takewhile(kept, STAGES))  # a later stage depends on every earlier one
     if done and not (out / "losses.csv").is_file():
         raise UsageError(f"--resume: {out / 'losses.csv'} is missing, and with it the finished "
@@ -1100,12 +906,8 @@ def prepare_out(args):
     for stage in done:  # a kill between a stage's last write and this deletion leaves one behind
         (out / NAMES[stage] / CHECKPOINT).unlink(missing_ok=True)
     return done
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: training stopped between two steps, in a checkpoint. (signum, text)"""
-
-
 @contextlib.contextmanager
 def stop_on_signals():
     """Ctrl-C and SIGTERM (schedulers, `timeout`, `docker stop`) ask training to stop after the
@@ -1122,34 +924,27 @@ def stop_on_signals():
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-
-
 def load_checkpoint(path, settings):
     """The stage's checkpoint if taken with these settings, else None. weights_only: no
     arbitrary pickles; on the CPU: the optimizer moves its state to the parameters' device."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        keys = {"step", "log", "params", "optimizer", "scaler", "generator", "settings"}
-        if not keys <= set(state):
-            raise KeyError(keys - set(state))
+        assert {"step", "log", "params", "optimizer", "scaler", "generator", "settings"} <= set(
+            state)
     except Exception as e:
         raise UsageError(f"{path}: not a readable b4m checkpoint ({type(e).__name__}); delete it "
                          f"to start the stage over") from None
     return state if state["settings"] == settings else None
-
-
 def run_stage(stage, pipe, loss, data, adapters, args, asked):
     """One stage of sections 4, 5 or 8, from its checkpoint when one matches, with an on_step
     that shows progress, stops on a non-finite loss and checkpoints every --checkpoint-every
     steps and when a signal in `asked` stops the run. Returns (adapter, loss log, seconds)."""
     from tqdm import tqdm
-
     path, settings = Path(args.out) / NAMES[stage] / CHECKPOINT, settings_of(args, stage)
     state = load_checkpoint(path, settings) if args.resume and path.exists() else None
-    if state:
-        print(f"{stage}: continuing from step {state['step']} ({path})", file=sys.stderr)
-    elif args.resume and path.exists():
-        print(f"{stage}: {path} was taken with other settings; starting the stage over",
+    if args.resume and path.exists():
+        print(f"{stage}: continuing from step {state['step']} ({path})" if state else
+              f"{stage}: {path} was taken with other settings; starting the stage over",
               file=sys.stderr)
     steps = args.make_steps if stage == "make" else args.steps
     t0 = time.time() - (state or {}).get("seconds", 0)
@@ -1169,10 +964,9 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
         if asked:
             raise Interrupted(asked[0], f"stopped in the {stage} stage after step {step}, saved "
                                         f"in {path}; run the same command with --resume")
-    denoiser, _ = denoiser_of(pipe)
     kw = dict(rank=args.rank, seed=args.seed, steps=steps, grad_accum=args.grad_accum,
               max_grad_norm=args.max_grad_norm, checkpoint=state, on_step=on_step)
-    lr = args.style_lr if stage == "style" else args.lr
+    denoiser, lr = denoiser_of(pipe)[0], args.style_lr if stage == "style" else args.lr
     try:
         if args.baseline == "lora-merge" and stage == "make":
             adapter, log = merge_loras(adapters["content"], adapters["style"]), []
@@ -1196,8 +990,6 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
     finally:
         bar.close()
     return adapter, log, time.time() - t0
-
-
 def train_main(args):
     # Everything that can be checked without the model's weights is, so a typo costs seconds.
     device, args.dtype = pick_device(args)  # stored resolved: --resume must not mix precisions
@@ -1224,24 +1016,21 @@ def train_main(args):
     with locked(args.out):
         done = prepare_out(args)
         pipe = load_pipeline(args.model, device, DTYPES[args.dtype])
-        denoiser, prefix = denoiser_of(pipe)
         model_sizes(pipe, args)
         if args.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            denoiser_of(pipe)[0].enable_gradient_checkpointing()
         prompts = {"content": args.content_prompt, "style": args.style_prompt}
         data = {k: [encode_set(pipe, px, prompts.get(k, p)) for px, p in v]
                 for k, v in sets.items()}
         data["content"], data["style"] = data["content"][0], data["style"][0]
         train(pipe, training_loss(pipe, args.batch_size, args.guidance), data, done, args)
-
-
 def train(pipe, loss, data, done, args):
     """The three stages in order, each saved when it ends; a finished one (`done`) is loaded."""
     out, (denoiser, prefix) = Path(args.out), denoiser_of(pipe)
     versions = {p: package_version(p) for p in ("torch", "diffusers", "transformers")}
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    save_json(out / "config.json", {"settings": settings, "versions": {"b4m": __version__,
-                                                                       **versions}})
+    save_json(out / "config.json", {"settings": settings,
+                                    "versions": {"b4m": __version__, **versions}})
     log, adapters, seconds = [], {}, {}
     if done:  # the finished stages' rows of losses.csv and seconds of report.json are kept
         rows = list(csv.reader((out / "losses.csv").read_text().splitlines()))[1:]
@@ -1277,32 +1066,23 @@ def train(pipe, loss, data, done, args):
     write_samples(pipe, adapters, args)
     print(f"wrote {out}: content/, style/, b4m/ (adapters), samples/, config.json, losses.csv",
           file=sys.stderr)
-
-
-def made(adapters, args):
-    """The made adapter at the asked strengths ((1, 1): as it is)."""
+def made(adapters, args):  # the made adapter at the asked strengths ((1, 1): as it is)
     if args.baseline != "b4m":
         return adapters["make"]
     return reassemble(adapters["make"], adapters["make"], args.content_scale, args.style_scale)
-
-
 def write_samples(pipe, adapters, args):
     """samples/{content,style,b4m}_{i}.png and grid.png (a row each). Every image is made before
     any file is written, and the old samples go only when the new ones are all written."""
-    from PIL import Image
-
+    from diffusers.utils import make_image_grid
     named = {**{k: adapters[k] for k in ("content", "style")}, "b4m": made(adapters, args)}
     prompts = {"content": args.content_prompt, "style": args.style_prompt, "b4m": args.prompt}
-    rows = [generate(pipe, named[k], prompts[k], num_samples=args.num_samples, seed=args.seed,
-                     steps=args.sample_steps, resolution=args.sample_resolution,
-                     guidance=args.sample_guidance) for k in named]
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * args.num_samples, h * len(rows)), "white")
-    files = {"grid.png": grid}
-    for i, (name, row) in enumerate(zip(named, rows)):
-        for j, im in enumerate(row):
-            grid.paste(im, (j * w, i * h))
-            files[f"{name}_{j}.png"] = im
+    files = {}
+    for name, adapter in named.items():
+        images = generate(pipe, adapter, prompts[name], num_samples=args.num_samples,
+                          steps=args.sample_steps, resolution=args.sample_resolution,
+                          seed=args.seed, guidance=args.sample_guidance)
+        files.update({f"{name}_{j}.png": im for j, im in enumerate(images)})
+    files["grid.png"] = make_image_grid(list(files.values()), len(named), args.num_samples)
     samples = Path(args.out) / "samples"
     for name, im in files.items():
         write_file(samples / name, to_bytes(lambda f: im.save(f, format="PNG")))
@@ -1310,8 +1090,6 @@ def write_samples(pipe, adapters, args):
         if SAMPLES.fullmatch(old.name) and old.name not in files:
             old.unlink()
     print(f"wrote {samples}", file=sys.stderr)
-
-
 def sample_main(args):
     run, config = Path(args.run), read_config(args.run)
     if config is None:
@@ -1324,8 +1102,7 @@ def sample_main(args):
     device, dtype = pick_device(args)
     for s in STAGES:
         if not (run / NAMES[s] / WEIGHTS).is_file():
-            raise UsageError(f"--run {run}: no {NAMES[s]}/{WEIGHTS}; finish the run first "
-                             f"(--resume)")
+            raise UsageError(f"--run {run}: no {NAMES[s]}/{WEIGHTS}; finish the run (--resume)")
     export = args.export and Path(args.export)
     if export and export.resolve() in [(run / NAMES[s]).resolve() for s in STAGES]:
         raise UsageError(f"--export {export}: a stage folder of the run; pick another folder")
@@ -1345,8 +1122,6 @@ def sample_main(args):
                     "style_scale": args.style_scale}
             save_lora(export, made(adapters, args), prefix, meta, DTYPES[args.save_dtype])
         write_samples(pipe, adapters, args)
-
-
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -1362,7 +1137,5 @@ def main(argv=None):
               file=sys.stderr)
         return 130
     return 0
-
-
 if __name__ == "__main__":
     sys.exit(main())

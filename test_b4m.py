@@ -385,7 +385,7 @@ def bad_input(tmp, models):  # (argv, the words of its one line): numbers, folde
         (tmp / name / "prompt.txt").unlink() if text is None else (
             tmp / name / "prompt.txt").write_bytes(text.encode("latin-1"))
     content, style = (shutil.copytree(EXAMPLES / k, tmp / k) for k in ("content", "style"))
-    img2img, most = tmp / "img2img", "this model's smallest attention projection allows at most"
+    img2img, most = tmp / "img2img", "this model's smallest attention layer allows"
     StableDiffusionImg2ImgPipeline(**tiny.tiny_pipeline("sd").components).save_pretrained(img2img)
     merge, home = ["--baseline", "lora-merge"], Path.home().resolve()
     return [([f"{f}={v}"], [f"argument {f}: must be {RULES[r]}, got '{v}'"])

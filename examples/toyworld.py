@@ -68,7 +68,8 @@ WORLDS = {
     "v3": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
                widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2),
-                       dict(steps=1600, batch=32, lr=3e-4, seed=3)]),
+                       dict(steps=1600, batch=32, lr=3e-4, seed=3),
+                       dict(steps=2400, batch=32, lr=3e-4, seed=4)]),
 }
 # v3's training captions. Every word of the prompts the toy world gives b4m (the sets' prompt.txt,
 # b4m's default prompts, the combined prompt) other than the rare tokens occurs here, used the same
@@ -615,16 +616,20 @@ def cmd_joint(args):
     pipe, model = load_model(), load_evaluator()
     prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style"}
     for shape, own, new in {"validation": SEARCH_PAIRS, "test": TEST_PAIRS}[args.pairs]:
-        content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new)
+        content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new, lever=args.lever)
         adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
                                  steps=args.steps, lr=args.lr)
-        row = {}
+        row, parts = {}, {}
         for name, prompt in prompts.items():
             got = classify(b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25,
                                            resolution=SIZE, seed=args.seed), model)
             row[name] = sum(g == (shape, new) for g in got) / len(got)
-        print(json.dumps({"pair": [shape, own, new], "both_right": row, "samples": args.n,
-                          "lr": args.lr, "steps": args.steps, "rank": args.rank}), flush=True)
+            parts[name] = {"shape": sum(a == shape for a, _ in got) / len(got),
+                           "style": sum(b == new for _, b in got) / len(got),
+                           "own_style": sum(b == own for _, b in got) / len(got)}
+        print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts, "samples": args.n,
+                          "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever}),
+              flush=True)
 
 
 # The quick start's flags: one lr for both break stages. Measured here (single 300-step stages, seed 0):
@@ -665,16 +670,20 @@ def paired_difference(a, b, **kw):
     return bootstrap([x - y for x, y in zip(a, b)], **kw)
 
 
-def image_sets(out, shape, own_style, new_style, n=8):
-    """A b4m content set (the new shape in a known style) and style set (known shapes in the new style)."""
-    content, style = out / f"content_{shape}_{own_style}", out / f"style_{new_style}"
+def image_sets(out, shape, own_style, new_style, n=8, lever=None):
+    """A b4m content set (the new shape in a known style) and style set (known shapes in the new style).
+    Levers (issue 24, joint only): "named": the content prompt names the set's own style, as "a photo
+    of" names a photo's look to SD; "varied": the content set cycles through four known styles."""
+    content, style = out / f"content_{shape}_{own_style}{'_' + lever if lever else ''}", out / f"style_{new_style}"
     content.mkdir(parents=True, exist_ok=True)
     style.mkdir(parents=True, exist_ok=True)
     for seed in range(5000, 5000 + n):  # the quick start's sets are the first pair's (examples/toy_*)
-        draw(shape, own_style, seed).save(content / f"{shape}_{own_style}_{seed}.png")
+        own = KNOWN_STYLES[seed % 4] if lever == "varied" else own_style
+        draw(shape, own, seed).save(content / f"{shape}_{own}_{seed}.png")
         other = KNOWN_SHAPES[seed % len(KNOWN_SHAPES)]
         draw(other, new_style, seed).save(style / f"{other}_{new_style}_{seed}.png")
-    (content / "prompt.txt").write_text("a photo of snq object\n")
+    named = f" in {own_style} style" if lever == "named" else ""
+    (content / "prompt.txt").write_text(f"a photo of snq object{named}\n")
     (style / "prompt.txt").write_text("an image in w@z style\n")
     return content, style
 
@@ -1069,6 +1078,7 @@ def main(argv=None):
     j.add_argument("--n", type=positive, default=32)
     j.add_argument("--threads", type=positive, default=2)
     j.add_argument("--out", default="runs/toyworld-joint")
+    j.add_argument("--lever", choices=["named", "varied"], help="see image_sets")
     c = sub.add_parser("compare")
     c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
     c.add_argument("--out", default="runs/toyworld-compare", help="the run folders")
