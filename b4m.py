@@ -298,13 +298,11 @@ def resume(checkpoint, optimizer, scaler, generator):
 def break_stage(stage, denoiser, loss, content, style, aux=None, *, rank, seed, steps, lr, aux_lr,
                 grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior,
                 prior_scale=1.0, checkpoint=None, on_step=None):
-    """The content stage ("content") or the style stage ("style") of break, on the two target
-    sets. aux: the auxiliary sets, of the other kind (styles for the content stage); None: the
-    other target set (b4m's default; the official scripts require three auxiliary folders).
-    mcp=False (--no-mcp): no auxiliary loss, the other half stays as drawn. lr: the stage's own
-    half (official 1e-4); aux_lr: the other half (official 1e-5). on_step(step, log, optimizer,
-    scaler, generator) runs after every step; checkpoint: what it saw, to continue from.
-    Returns (adapter, loss log)."""
+    """The content or the style stage of break. aux: the auxiliary sets, of the other kind (styles
+    for the content stage); None: the other target set (the official scripts require three
+    folders). mcp=False (--no-mcp): no auxiliary loss. lr: the stage's own half (official 1e-4),
+    aux_lr: the other (1e-5). on_step(step, log, optimizer, scaler, generator) runs after every
+    step; checkpoint: what it saw, to continue from. Returns (adapter, loss log)."""
     target, partner = (content, style) if stage == "content" else (style, content)
     aux = (aux or [partner]) if mcp else []
     layers = add_plp(denoiser, rank, seed, prior, prior_scale)
@@ -532,10 +530,9 @@ def encode_set(pipe, pixels, prompt):
     return {"mean": mean * sf, "std": torch.cat([d.std for d in dists]) * sf,
             "cond": encode_prompts(pipe, [prompt], pixels.shape[-1])}
 def training_loss(pipe, batch_size, guidance):
-    """loss(sets, generator): denoising_loss with a DDPM copy of the pipeline's scheduler (SD,
-    SDXL), or flow_matching_loss with a fresh FlowMatchEulerDiscreteScheduler and the
-    transformer's velocity. FLUX takes latents packed 2 x 2, position ids, t / 1000 and, if
-    guidance-distilled (FLUX.1 dev), a guidance value, as diffusers' FLUX script."""
+    """loss(sets, generator): denoising_loss with a DDPM copy of the pipeline's scheduler, or
+    flow_matching_loss with the transformer's velocity. FLUX takes latents packed 2 x 2, position
+    ids, t / 1000 and, if guidance-distilled (FLUX.1 dev), a guidance value, as diffusers does."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     denoiser, prefix = denoiser_of(pipe)
     if prefix == "unet":
@@ -670,10 +667,9 @@ def to_bytes(write):  # what write(file) writes into a file, as bytes
 def save_json(path, obj):  # allow_nan=False: what b4m writes is always valid JSON
     write_file(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 def save_lora(folder, adapter, prefix, metadata, dtype=torch.float32):
-    """folder/<stage>_kohya.safetensors (UNets only: diffusers' kohya converter has no mapping for
-    transformers, and ComfyUI reads their diffusers keys as they are; alpha = rank, scale 1),
-    then folder/pytorch_lora_weights.safetensors, whose presence marks a finished stage. One
-    metadata key: safetensors orders several at random, and a run must give identical bytes."""
+    """folder/<stage>_kohya.safetensors (UNets: the converter maps no transformer, and ComfyUI reads
+    diffusers keys), then folder/pytorch_lora_weights.safetensors, which marks a finished stage.
+    One metadata key: safetensors orders several at random, and a run must give identical bytes."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save
     sd = {k: v.to(dtype) for k, v in diffusers_keys(adapter, prefix).items()}
@@ -929,16 +925,15 @@ def load_checkpoint(path, settings):
     arbitrary pickles; on the CPU: the optimizer moves its state to the parameters' device."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        assert {"step", "log", "params", "optimizer", "scaler", "generator", "settings"} <= set(
-            state)
+        assert {"step", "log", "params", "optimizer", "scaler", "generator", "settings"} <= {*state}
     except Exception as e:
         raise UsageError(f"{path}: not a readable b4m checkpoint ({type(e).__name__}); delete it "
                          f"to start the stage over") from None
     return state if state["settings"] == settings else None
 def run_stage(stage, pipe, loss, data, adapters, args, asked):
-    """One stage of sections 4, 5 or 8, from its checkpoint when one matches, with an on_step
-    that shows progress, stops on a non-finite loss and checkpoints every --checkpoint-every
-    steps and when a signal in `asked` stops the run. Returns (adapter, loss log, seconds)."""
+    """One stage (sections 4, 5, 8), from its checkpoint when one matches; its on_step shows
+    progress, stops on a non-finite loss, checkpoints every --checkpoint-every steps and on a
+    signal in `asked`. Returns (adapter, loss log, seconds)."""
     from tqdm import tqdm
     path, settings = Path(args.out) / NAMES[stage] / CHECKPOINT, settings_of(args, stage)
     state = load_checkpoint(path, settings) if args.resume and path.exists() else None

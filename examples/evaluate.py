@@ -18,8 +18,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # b4m.py sits one folder up
 # b4m's image reader (EXIF-upright, transparency on white, centre crop), so that the content and
 # style images are scored as training saw them, and its atomic writer (temp file, os.replace).
-from b4m import IMAGES, Parser, UsageError, read_config, read_images, save_json  # noqa: E402
+from b4m import IMAGES, Parser, UsageError, open_image, read_config, save_json  # noqa: E402
 
+
+
+def read_images(files, resolution):
+    """The readable ones, as b4m reads a set (open_image); each other file named and skipped."""
+    images = []
+    for path in files:
+        try:
+            images.append(open_image(path, resolution))
+        except Exception as e:  # PIL raises many kinds
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
+    return images
 
 def read_run(run):
     """(prompt, samples, content images, style images) of a run; a UsageError if it is not a
