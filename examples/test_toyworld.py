@@ -454,3 +454,22 @@ def test_joint_stage_trains_one_lora_on_both_sets_each_with_its_own_prompt(toy_p
     U, V = next(iter(adapter.values()))
     assert U.shape[1] == V.shape[0] == 16 and len(adapter) == sum(
         b4m.is_target(n, m) for n, m in toy_pipe.unet.named_modules())
+
+
+def test_the_joint_levers_change_only_the_content_set(tmp_path):
+    """issue 24's cheap levers: "named" names the content set's own style in its prompt, "varied"
+    draws the new shape in four known styles; the style set and its prompt stay as they are."""
+    toyworld.use_world("v3")
+    try:
+        plain, style = toyworld.image_sets(tmp_path, "heart", "blue", "checker", n=4)
+        named, _ = toyworld.image_sets(tmp_path, "heart", "blue", "checker", n=4, lever="named")
+        varied, again = toyworld.image_sets(tmp_path, "heart", "blue", "checker", n=4, lever="varied")
+        assert again == style and (style / "prompt.txt").read_text() == "an image in w@z style\n"
+        assert (plain / "prompt.txt").read_text() == "a photo of snq object\n"
+        assert (named / "prompt.txt").read_text() == "a photo of snq object in blue style\n"
+        assert (varied / "prompt.txt").read_text() == "a photo of snq object\n"
+        labels = lambda folder: sorted(p.name.split("_")[1] for p in folder.glob("*.png"))  # noqa: E731
+        assert labels(plain) == labels(named) == ["blue"] * 4
+        assert labels(varied) == sorted(toyworld.KNOWN_STYLES[:4])
+    finally:
+        toyworld.use_world("v1")

@@ -614,19 +614,27 @@ def cmd_joint(args):
     words: can this world compose learned concepts at all?"""
     torch.set_num_threads(args.threads)
     pipe, model = load_model(), load_evaluator()
-    prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style"}
+    prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style",
+               "style_first": "an image in w@z style of a snq object"}  # each token after its own set's words
     for shape, own, new in {"validation": SEARCH_PAIRS, "test": TEST_PAIRS}[args.pairs]:
         content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new, lever=args.lever)
         adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
                                  steps=args.steps, lr=args.lr)
-        row, parts = {}, {}
-        for name, prompt in prompts.items():
-            got = classify(b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25,
-                                           resolution=SIZE, seed=args.seed), model)
+        tag = f"{shape}-{new}-{args.lever}-lr{args.lr:g}-s{args.steps}"
+        torch.save(adapter, Path(args.out) / f"joint-{tag}.pt")  # for more prompts later
+        row, parts, shown = {}, {}, []
+        own_prompts = {k: (folder / "prompt.txt").read_text().strip()
+                       for k, folder in (("content", content), ("style", style))}
+        for name, prompt in {**prompts, **own_prompts}.items():
+            images = b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25,
+                                     resolution=SIZE, seed=args.seed)
+            got, shown = classify(images, model), shown + images[:8]
             row[name] = sum(g == (shape, new) for g in got) / len(got)
             parts[name] = {"shape": sum(a == shape for a, _ in got) / len(got),
                            "style": sum(b == new for _, b in got) / len(got),
                            "own_style": sum(b == own for _, b in got) / len(got)}
+        from diffusers.utils import make_image_grid  # rows: combined, union, content, style prompt
+        make_image_grid(shown, len(shown) // 8, 8).save(Path(args.out) / f"joint-{tag}.png")
         print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts, "samples": args.n,
                           "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever}),
               flush=True)
