@@ -89,11 +89,12 @@ def check_layer_rank(out_features, in_features, rank):
                          f"for a {out_features}x{in_features} layer, got {rank}")
 
 def orthogonal_prior(out_features, in_features, rank, generator=None):
-    """The frozen scaffold (A, C), cut from one orthonormal basis. Why: the two frozen blocks then
-    share the r directions without redundancy (A^T A + C C^T = I), and when r <= m_f, n_f each of
-    A and C alone has full rank r, so the Gram matrices U^T U and V V^T that section 3 inverts are
-    invertible from the first step, whatever B and D are. float64 on the CPU: the same (seed,
-    layer) gives the same A and C on every device."""
+    """The frozen scaffold (A, C), cut from one orthonormal basis of this layer's m_f + n_f rows
+    in every layer (deliberately unlike the official code, which cuts rows of a 1280 x r basis in
+    to_q and self-attention to_k/to_v only, and sets A = 0 elsewhere). Why: when
+    r <= m_f, n_f each of A and C alone has full rank r, so the Gram matrices U^T U and V V^T that
+    section 3 inverts are invertible from the first step, whatever B and D are. float64 on the
+    CPU: the same (seed, layer) gives the same A and C whatever --device."""
     check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     Q, R = torch.linalg.qr(torch.randn(m_f + n_f, rank, generator=generator, dtype=torch.float64))
@@ -125,7 +126,7 @@ def is_target(name, module):
     return name.endswith(tuple("." + t for t in TARGETS)) and isinstance(module, nn.Linear)
 
 def add_plp(denoiser, rank, seed, prior=orthogonal_prior, scale=1.0):
-    """Wrap every attention projection (TARGETS) in a PLPLinear, as the paper does; no
+    """Wrap every attention projection (TARGETS; the paper adapts a UNet's) in a PLPLinear; no
     feed-forward or convolution layers. Returns {module name: PLPLinear}. scale (--prior-scale,
     not in the paper; 1: as drawn) multiplies A, C and D's draw, so the step-0 change
     dW = [[A C, A D], [0, 0]] shrinks by scale^2: where r is a sizeable part of m_f + n_f (a small
@@ -206,7 +207,8 @@ class RiemannianAdamW(torch.optim.AdamW):
 #       L = || eps_theta(z_t, t, c) - target ||^2,   target = eps, or v (v-prediction models)
 # Content goes to the down projection's half D, style to the up projection's half B (the
 # official scripts). MCP keeps each half general: while one half learns its concept, the other
-# is trained on other concepts of the other kind, so that halves from different runs fit in make.
+# is trained on other concepts of the other kind (default: the other target set), so that halves
+# from different runs fit in make.
 # A set: one folder of images and its prompt, encoded once before training (section 9):
 #   {"mean", "std": each image's latent posterior, in the denoiser's latent scale (N x c x h x w),
 #    "cond": the prompt's conditioning for the denoiser (a dict of tensors, batch 1)}.
@@ -299,7 +301,7 @@ def break_stage(stage, denoiser, loss, content, style, aux=None, *, rank, seed, 
                 grad_accum=1, max_grad_norm=1.0, mcp=True, prior=orthogonal_prior,
                 prior_scale=1.0, checkpoint=None, on_step=None):
     """The content or the style stage of break. aux: the auxiliary sets, of the other kind (styles
-    for the content stage); None: the other target set (the official scripts require three
+    for the content stage); None or []: the other target set (the official scripts require three
     folders). mcp=False (--no-mcp): no auxiliary loss. lr: the stage's own half (official 1e-4),
     aux_lr: the other (1e-5). on_step(step, log, optimizer, scaler, generator) runs after every
     step; checkpoint: what it saw, to continue from. Returns (adapter, loss log)."""
@@ -361,7 +363,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
     """The break stages' adapters reassembled, then B and D fine-tuned together on the two target
     sets (official lr 1e-4). precondition=False (--no-precondition): plain AdamW. on_step,
     checkpoint: as in break_stage. Returns (adapter, loss log)."""
-    layers = add_plp(denoiser, rank, seed)  # the same modules the break stages adapted
+    layers = add_plp(denoiser, rank, seed)  # the same modules; load_blocks replaces the draw
     load_blocks(layers, reassemble(content_adapter, style_adapter))
     if precondition:
         optimizer = RiemannianAdamW(layers.values(), lr=lr)
@@ -375,12 +377,12 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
         for step in range(first, steps + 1):
             L_total = 0.0
             for _ in range(grad_accum):
-                # No routing and no auxiliary sets: the preconditioner balances the halves.
+                # No routing and no auxiliary sets: the optimizer balances the halves (section 3).
                 L = loss([content, style], generator).sum()  # L_content + L_style, one forward
                 scaler.scale(L / grad_accum).backward(inputs=trained)
                 L_total += L.item() / grad_accum
             leave_unreached(optimizer)
-            clip_and_step(optimizer, scaler, max_grad_norm)  # then RiemannianAdamW preconditions
+            clip_and_step(optimizer, scaler, max_grad_norm)  # RiemannianAdamW: after clipping
             log.append([step, L_total])
             if on_step:
                 on_step(step, log, optimizer, scaler, generator)
@@ -522,7 +524,7 @@ def encode_set(pipe, pixels, prompt):
     """A set (section 4) from pixels (N x 3 x H x W in [-1, 1]) and a prompt. Latents are
     (z - shift) * scale with the VAE's own factors (SD3, FLUX shift)."""
     vae, dtype = pipe.vae, pipe.vae.dtype
-    vae.float()  # encode in fp32: SD/SDXL VAEs overflow in fp16
+    vae.float()  # encode in fp32: SDXL's VAE overflows in fp16
     dists = [vae.encode(x.to(vae.device)).latent_dist for x in pixels.split(4)]
     vae.type(dtype)
     sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0
@@ -761,14 +763,14 @@ SAMPLE_FLAGS = {  # for training and `sample` (where they default to the run's)
     "--style-scale": (FINITE, 1.0, "s_s: U = [A; s_s B] at sampling"),
     "--device": (["auto", "cuda", "mps", "cpu"], "auto", ""),
     "--dtype": (["auto", *DTYPES], "auto", "the frozen model's precision; auto: bf16 on CUDA "
-                "where supported (FLUX's and T5's activations overflow in fp16), fp32 elsewhere"),
+                "(else fp16; FLUX's and T5's activations overflow in fp16), fp32 elsewhere"),
     "--save-dtype": (list(DTYPES), "fp32", "adapter files' precision (fp16/bf16: half the size)")}
 DEFAULTS = {f[2:].replace("-", "_"): d for f, (_, d, _) in {**FLAGS, **SAMPLE_FLAGS}.items()}
 PROMPTS = {"content": "a photo of snq object", "style": "an image in w@z style"}
-# The three stages, in order; the made adapter's files are named "b4m": b4m/, samples/b4m_N.png.
+# The made adapter's files are named "b4m": b4m/, samples/b4m_N.png.
 NAMES = {"content": "content", "style": "style", "make": "b4m"}
-# What --resume compares. RUN: any difference refuses the run. STAGES: a stage is kept, or
-# continued from its checkpoint, only while its own settings match too.
+# What --resume compares. RUN: any difference refuses the run. STAGES (the stages, in order): a
+# stage is kept, or continued from its checkpoint, only while its own settings match too.
 RUN = ("model", "baseline", "rank", "resolution", "seed", "batch_size", "grad_accum",
        "max_grad_norm", "content", "style", "content_prompt", "style_prompt", "aux_style",
        "aux_content", "no_orth_prior", "prior_scale", "no_mcp", "dtype", "guidance", "save_dtype")
@@ -895,7 +897,7 @@ def prepare_out(args):
     def kept(stage):  # finished, with the same settings
         same = all(old.get(k) == v for k, v in settings_of(args, stage).items())
         return (out / NAMES[stage] / WEIGHTS).exists() and same
-    done = set(itertools.takewhile(kept, STAGES))  # a later stage depends on every earlier one
+    done = set(itertools.takewhile(kept, STAGES))  # in order: make needs both break stages
     if done and not (out / "losses.csv").is_file():
         raise UsageError(f"--resume: {out / 'losses.csv'} is missing, and with it the finished "
                          f"stages' losses; use --overwrite to train again")
@@ -903,7 +905,7 @@ def prepare_out(args):
         (out / NAMES[stage] / CHECKPOINT).unlink(missing_ok=True)
     return done
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: training stopped between two steps, in a checkpoint. (signum, text)"""
+    """Ctrl-C or SIGTERM: training stopped between two steps, what it did saved. (signum, text)"""
 @contextlib.contextmanager
 def stop_on_signals():
     """Ctrl-C and SIGTERM (schedulers, `timeout`, `docker stop`) ask training to stop after the
@@ -952,10 +954,10 @@ def run_stage(stage, pipe, loss, data, adapters, args, asked):
             raise FloatingPointError(f"step {step}: the loss is not finite ({log[-1][1:]})")
         if asked or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps):
             params = [p.detach().cpu().clone() for g in optimizer.param_groups for p in g["params"]]
-            state = {"step": step, "log": log, "params": params, "settings": settings,
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "generator": generator.get_state(), "seconds": time.time() - t0}
-            write_file(path, to_bytes(lambda f: torch.save(state, f)))
+            ckpt = {"step": step, "log": log, "params": params, "settings": settings,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "generator": generator.get_state(), "seconds": time.time() - t0}
+            write_file(path, to_bytes(lambda f: torch.save(ckpt, f)))
         if asked:
             raise Interrupted(asked[0], f"stopped in the {stage} stage after step {step}, saved "
                                         f"in {path}; run the same command with --resume")
@@ -1061,7 +1063,7 @@ def train(pipe, loss, data, done, args):
     write_samples(pipe, adapters, args)
     print(f"wrote {out}: content/, style/, b4m/ (adapters), samples/, config.json, losses.csv",
           file=sys.stderr)
-def made(adapters, args):  # the made adapter at the asked strengths ((1, 1): as it is)
+def made(adapters, args):  # reassemble(x, x): the made adapter's halves at the asked strengths
     if args.baseline != "b4m":
         return adapters["make"]
     return reassemble(adapters["make"], adapters["make"], args.content_scale, args.style_scale)
