@@ -336,7 +336,8 @@ def test_toyworld_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 RARE = {"snq", "w@z", "sks", "zqx"}
 TOY_PROMPTS = [(EXAMPLES / "toy_content" / "prompt.txt").read_text().strip(),
                (EXAMPLES / "toy_style" / "prompt.txt").read_text().strip(),
-               "a photo of snq object", "an image in w@z style", "a snq object in w@z style"]
+               "a photo of snq object", "an image in w@z style", "a snq object in w@z style",
+               "an image in w@z style of a snq object", "a photo of snq object in red style"]  # joint
 
 
 @pytest.fixture

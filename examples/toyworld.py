@@ -633,7 +633,7 @@ def cmd_joint(args):
             parts[name] = {"shape": sum(a == shape for a, _ in got) / len(got),
                            "style": sum(b == new for _, b in got) / len(got),
                            "own_style": sum(b == own for _, b in got) / len(got)}
-        from diffusers.utils import make_image_grid  # rows: combined, union, content, style prompt
+        from diffusers.utils import make_image_grid  # one row per prompt, in order
         make_image_grid(shown, len(shown) // 8, 8).save(Path(args.out) / f"joint-{tag}.png")
         print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts, "samples": args.n,
                           "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever}),
