@@ -474,3 +474,22 @@ def test_the_joint_levers_change_only_the_content_set(tmp_path):
         assert labels(varied) == sorted(toyworld.KNOWN_STYLES[:4])
     finally:
         toyworld.use_world("v1")
+
+
+def test_class_mean_rare_tokens_move_only_the_two_rare_rows():
+    """--rare-init class-mean: snq's row becomes the mean of the known shapes' rows, w@z's of the
+    known styles'; every other row of the embedding table stays as trained."""
+    toyworld.use_world("v3")
+    try:
+        pipe = toyworld.load_model()
+        table = pipe.text_encoder.get_input_embeddings().weight
+        before, ids = table.detach().clone(), lambda w: pipe.tokenizer(w, add_special_tokens=False).input_ids
+        assert len(ids("snq")) == len(ids("w@z")) == 1  # one token each, not unknown
+        toyworld.rare_as_class_means(pipe)
+        (snq,), (wz,) = ids("snq"), ids("w@z")
+        shapes, styles = [ids(w)[0] for w in toyworld.KNOWN_SHAPES], [ids(w)[0] for w in toyworld.KNOWN_STYLES]
+        assert torch.allclose(table[snq], before[shapes].mean(0)) and torch.allclose(table[wz], before[styles].mean(0))
+        others = [i for i in range(len(table)) if i not in (snq, wz)]
+        assert torch.equal(table[others], before[others]) and not torch.equal(table[snq], before[snq])
+    finally:
+        toyworld.use_world("v1")

@@ -609,18 +609,31 @@ def joint_stage(pipe, content, style, *, rank, seed, steps, lr, batch_size=8):
                              seed=seed, steps=steps, lr=lr, grad_accum=1)
 
 
+@torch.no_grad()
+def rare_as_class_means(pipe):
+    """A lever of issue 24 (joint only): snq's embedding the mean of the known shapes' and w@z's the
+    mean of the known styles', in place of the untrained draw both had: a rare token that looks like
+    a trained word of its kind, as CLIP's rare tokens are trained tokens, without naming a concept."""
+    table, ids = pipe.text_encoder.get_input_embeddings().weight, lambda w: pipe.tokenizer(
+        w, add_special_tokens=False).input_ids[0]
+    for rare, known in (("snq", KNOWN_SHAPES), ("w@z", KNOWN_STYLES)):
+        table[ids(rare)] = table[[ids(w) for w in known]].mean(0)
+
+
 def cmd_joint(args):
     """Joint training on pairs, scored with the combined prompt and the union of the set prompts'
     words: can this world compose learned concepts at all?"""
     torch.set_num_threads(args.threads)
     pipe, model = load_model(), load_evaluator()
+    if args.rare_init == "class-mean":  # as CLIP's rare tokens: trained-looking embeddings, no concept
+        rare_as_class_means(pipe)
     prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style",
                "style_first": "an image in w@z style of a snq object"}  # each token after its own set's words
     for shape, own, new in {"validation": SEARCH_PAIRS, "test": TEST_PAIRS}[args.pairs]:
         content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new, lever=args.lever)
         adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
                                  steps=args.steps, lr=args.lr)
-        tag = f"{shape}-{new}-{args.lever}-lr{args.lr:g}-s{args.steps}"
+        tag = f"{shape}-{new}-{args.lever}-{args.rare_init}-lr{args.lr:g}-s{args.steps}"
         torch.save(adapter, Path(args.out) / f"joint-{tag}.pt")  # for more prompts later
         row, parts, shown = {}, {}, []
         own_prompts = {k: (folder / "prompt.txt").read_text().strip()
@@ -636,7 +649,8 @@ def cmd_joint(args):
         from diffusers.utils import make_image_grid  # one row per prompt, in order
         make_image_grid(shown, len(shown) // 8, 8).save(Path(args.out) / f"joint-{tag}.png")
         print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts, "samples": args.n,
-                          "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever}),
+                          "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever,
+                          "rare_init": args.rare_init}),
               flush=True)
 
 
@@ -1087,6 +1101,7 @@ def main(argv=None):
     j.add_argument("--threads", type=positive, default=2)
     j.add_argument("--out", default="runs/toyworld-joint")
     j.add_argument("--lever", choices=["named", "varied"], help="see image_sets")
+    j.add_argument("--rare-init", choices=["class-mean"], help="see rare_as_class_means")
     c = sub.add_parser("compare")
     c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
     c.add_argument("--out", default="runs/toyworld-compare", help="the run folders")
