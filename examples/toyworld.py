@@ -629,7 +629,8 @@ def cmd_joint(args):
         rare_as_class_means(pipe)
     prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style",
                "style_first": "an image in w@z style of a snq object"}  # each token after its own set's words
-    for shape, own, new in {"validation": SEARCH_PAIRS, "test": TEST_PAIRS}[args.pairs]:
+    others = [p for p in VALIDATION_PAIRS if p not in SEARCH_PAIRS]  # validation, never searched on
+    for shape, own, new in {"validation": SEARCH_PAIRS, "other-validation": others, "test": TEST_PAIRS}[args.pairs]:
         content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new, lever=args.lever)
         adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
                                  steps=args.steps, lr=args.lr)
@@ -1092,7 +1093,7 @@ def main(argv=None):
     g.add_argument("--world", choices=list(WORLDS), default="v1")
     j = sub.add_parser("joint")
     j.add_argument("--world", choices=list(WORLDS), default="v3")
-    j.add_argument("--pairs", choices=["validation", "test"], default="validation")
+    j.add_argument("--pairs", choices=["validation", "other-validation", "test"], default="validation")
     j.add_argument("--rank", type=positive, default=16, help="2r: the merge's total rank")
     j.add_argument("--steps", type=positive, default=300, help="both sets at once")
     j.add_argument("--lr", type=float, default=4e-3)
