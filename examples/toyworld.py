@@ -69,7 +69,7 @@ WORLDS = {
                widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2),
                        dict(steps=1600, batch=32, lr=3e-4, seed=3),
-                       dict(steps=2400, batch=32, lr=3e-4, seed=4)]),
+                       dict(steps=2400, batch=32, lr=3e-4, seed=4)], rare="class-mean"),
 }
 # v3's training captions. Every word of the prompts the toy world gives b4m (the sets' prompt.txt,
 # b4m's default prompts, the combined prompt) other than the rare tokens occurs here, used the same
@@ -611,9 +611,10 @@ def joint_stage(pipe, content, style, *, rank, seed, steps, lr, batch_size=8):
 
 @torch.no_grad()
 def rare_as_class_means(pipe):
-    """A lever of issue 24 (joint only): snq's embedding the mean of the known shapes' and w@z's the
-    mean of the known styles', in place of the untrained draw both had: a rare token that looks like
-    a trained word of its kind, as CLIP's rare tokens are trained tokens, without naming a concept."""
+    """Issue 24's lever: snq's embedding the mean of the known shapes' and w@z's the mean of the
+    known styles', in place of the untrained draw both had: a rare token that looks like a trained
+    word of its kind, as CLIP's rare tokens are trained tokens, without naming a concept. Baked into
+    model-v3's text encoder after its last phase (`train --part rare`), so every method sees it."""
     table, ids = pipe.text_encoder.get_input_embeddings().weight, lambda w: pipe.tokenizer(
         w, add_special_tokens=False).input_ids[0]
     for rare, known in (("snq", KNOWN_SHAPES), ("w@z", KNOWN_STYLES)):
@@ -724,6 +725,8 @@ def run_method(method, out, content, style, seed, n, flags=None, threads=None):
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
+    if method == "joint":
+        return run_joint(run, content, style, seed, n, flags, threads)
     common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
               *(B4M_FLAGS if flags is None else flags), "--num-samples", str(n), "--out", str(run)]
     done = [m for m in REUSE_BREAK.get(method, []) if (out / m / "samples" / f"b4m_{n - 1}.png").exists()]
@@ -737,6 +740,36 @@ def run_method(method, out, content, style, seed, n, flags=None, threads=None):
         common.append("--overwrite")
     b4m(*common, *METHODS[method], threads=threads)
     return run
+
+
+def run_joint(run, content, style, seed, n, setting, threads=None):
+    """One joint run (`joint-run`, in a process of its own as b4m.py's runs are), in b4m's layout."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    subprocess.run([sys.executable, str(HERE / "toyworld.py"), "joint-run", "--world", WORLD, "--content",
+                    str(content), "--style", str(style), "--seed", str(seed), "--n", str(n), "--steps",
+                    str(setting["steps"]), "--lr", f"{setting['lr']:g}", "--threads", str(threads or 2),
+                    "--out", str(run)], check=True, env=env)
+    return run
+
+
+def cmd_joint_run(args):
+    """Joint training as a compared method, in a b4m run's layout: the LoRA in joint/ (diffusers
+    keys), then samples/{content,style,b4m}_i.png of the sets' prompts and the combined prompt (the
+    last file written marks a finished run)."""
+    torch.set_num_threads(args.threads)
+    pipe, run = load_model(), Path(args.out)
+    adapter, log = joint_stage(pipe, args.content, args.style, rank=args.rank, seed=args.seed,
+                               steps=args.steps, lr=args.lr)
+    meta = {"stage": "joint", "steps": args.steps, "lr": args.lr, "rank": args.rank, "seed": args.seed}
+    b4m_py.save_lora(run / "joint", adapter, "unet", meta)
+    prompts = {"content": (Path(args.content) / "prompt.txt").read_text().strip(),
+               "style": (Path(args.style) / "prompt.txt").read_text().strip(), "b4m": PROMPTS["combined"]}
+    for name, prompt in prompts.items():
+        images = b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25, resolution=SIZE,
+                                 seed=args.seed)
+        for i, im in enumerate(images):
+            png = b4m_py.to_bytes(lambda f: im.save(f, format="PNG"))
+            b4m_py.write_file(run / "samples" / f"{name}_{i}.png", png)
 
 
 def score_run(run, shape, own_style, new_style, n, model):
@@ -760,8 +793,14 @@ SCORES = ["content", "style", "both", "style_leak", "shape_leak", "content_stage
 # ---------------------------------------------------------------------------------------------
 
 # Every scored run, committed with the repository: `compare` skips the runs it holds, so a stopped
-# comparison continues, in this checkout (run folders in --out) or a new one (this file).
-RECORD = ROOT / "compare.json"
+# comparison continues, in this checkout (run folders in --out) or a new one (this file). v2's file
+# holds its "old" phase too (v1's runs); its .md and .png sit beside it.
+RECORDS = {"v1": "compare.json", "v2": "compare.json", "v3": "compare-v3.json"}
+
+
+def record_file():
+    return ROOT / RECORDS[WORLD]
+
 # What every v2 run shares. Rank 8: r / m_f <= 0.25 in every adapted layer (SDXL at rank 64: 0.1-0.2).
 # 150 steps per break stage (per LoRA of the merge) and 50 of make, batch 8: so that the quick
 # start, the chosen B4M settings, fits in 4 minutes on 2 cores.
@@ -780,21 +819,40 @@ SEARCH = {"b4m": [dict(prior_scale=0.7, lr=6e-3, style_lr=3e-3), dict(prior_scal
                   dict(prior_scale=0.5, lr=8e-3, style_lr=4e-3), dict(prior_scale=0.5, lr=8e-3, style_lr=8e-3)],
           "lora-merge": [dict(lr=4e-3, style_lr=1.5e-3), dict(lr=4e-3, style_lr=3e-3),
                          dict(lr=8e-3, style_lr=1.5e-3), dict(lr=8e-3, style_lr=3e-3)]}
+# v3 (issue 24): the same budget, 4 settings a method, now with joint training, and the steps searched
+# too (joint composed at 400 steps, not at 150): each method gets two settings at 150 steps and two
+# at 400. Rare tokens at their class means, baked into model-v3 (rare_as_class_means).
+SEARCH_V3 = {"b4m": [dict(steps=150, prior_scale=0.7, lr=6e-3, style_lr=3e-3),
+                     dict(steps=150, prior_scale=0.5, lr=8e-3, style_lr=8e-3),
+                     dict(steps=400, prior_scale=0.7, lr=3e-3, style_lr=1.5e-3),
+                     dict(steps=400, prior_scale=0.7, lr=6e-3, style_lr=3e-3)],
+             "lora-merge": [dict(steps=150, lr=4e-3, style_lr=1.5e-3), dict(steps=150, lr=8e-3, style_lr=3e-3),
+                            dict(steps=400, lr=2e-3, style_lr=1e-3), dict(steps=400, lr=4e-3, style_lr=1.5e-3)],
+             "joint": [dict(steps=150, lr=4e-3), dict(steps=150, lr=8e-3), dict(steps=400, lr=2e-3),
+                       dict(steps=400, lr=4e-3)]}
 TEST_SEEDS = [0, 1, 2, 3, 4]
 ABLATIONS = ["no-mcp", "no-orth-prior", "no-precondition", "make-steps-0"]
 RECORD_LOCK = threading.Lock()
 
 
+def search():
+    return SEARCH_V3 if WORLD == "v3" else SEARCH
+
+
 def setting_flags(method, setting):
-    """A searched setting as b4m.py flags, after V2_FLAGS."""
-    flags = [*V2_FLAGS, "--lr", f"{setting['lr']:g}", "--style-lr", f"{setting['style_lr']:g}"]
+    """A searched setting as b4m.py flags, after V2_FLAGS (its steps, when the setting names them);
+    joint's setting as it is (run_joint's)."""
+    if method == "joint":
+        return setting
+    steps = ["--steps", str(setting["steps"])] if "steps" in setting else []
+    flags = [*V2_FLAGS, *steps, "--lr", f"{setting['lr']:g}", "--style-lr", f"{setting['style_lr']:g}"]
     if method == "lora-merge":
         return flags
     return [*flags, "--aux-lr", f"{setting['lr'] / 10:g}", "--prior-scale", f"{setting['prior_scale']:g}"]
 
 
 def read_record():
-    return json.loads(RECORD.read_text()) if RECORD.exists() else {"runs": {}}
+    return json.loads(record_file().read_text()) if record_file().exists() else {"runs": {}}
 
 
 def write_record(update):
@@ -802,15 +860,15 @@ def write_record(update):
     with RECORD_LOCK:
         record = read_record()
         update(record)
-        RECORD.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(RECORD.with_suffix(".tmp"), RECORD)
+        record_file().with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(record_file().with_suffix(".tmp"), record_file())
 
 
 def choose(record):
     """Per method, the searched setting with the highest mean both-right over SEARCH_PAIRS (the
     first on a tie), or None while its search is unfinished; and the search's summary rows."""
     chosen, rows = {}, []
-    for method, settings in SEARCH.items():
+    for method, settings in search().items():
         best = None
         for i, setting in enumerate(settings):
             runs = [record["runs"].get(f"search/{method}/{i}/{a}-{c}/seed0") for a, _, c in SEARCH_PAIRS]
@@ -832,15 +890,15 @@ def plan(phase, record, seeds):
     if phase == "search":
         return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting), pair, 0,
                   Path("search") / name(pair) / f"setting{i}")]
-                for pair in SEARCH_PAIRS for method in SEARCH for i, setting in enumerate(SEARCH[method])]
+                for pair in SEARCH_PAIRS for method in search() for i, setting in enumerate(search()[method])]
     if phase == "old":  # v1 and the quick start's old flags (B4M_FLAGS), on the same test pairs
         return [[(f"old/{method}/{name(pair)}/seed{seed}", method, None, pair, seed, Path("old") / name(pair) / f"seed{seed}")
                  for method in ("b4m", "lora-merge")] for seed in seeds for pair in TEST_PAIRS]
     chosen = record.get("chosen", {})
-    if not all(chosen.get(m) for m in SEARCH):
-        raise SystemExit(f"compare --phase {phase}: no chosen settings in {RECORD}; run --phase search first")
-    methods = ["b4m", "lora-merge"] if phase == "test" else ["b4m", *ABLATIONS]  # b4m: kept when scored
-    searched = lambda m: "lora-merge" if m == "lora-merge" else "b4m"  # ablations: at B4M's settings
+    if not all(chosen.get(m) for m in search()):
+        raise SystemExit(f"compare --phase {phase}: no chosen settings in {record_file()}; run --phase search first")
+    methods = list(search()) if phase == "test" else ["b4m", *ABLATIONS]  # b4m: kept when scored
+    searched = lambda m: m if m in search() else "b4m"  # ablations: at B4M's settings
     flags = lambda m: setting_flags(searched(m), chosen[searched(m)])
     return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed, Path("test") / name(pair) / f"seed{seed}")
              for m in methods] for seed in seeds for pair in TEST_PAIRS]
@@ -860,10 +918,13 @@ def cmd_compare(args):
     """--phase search, then test (B4M and the merge at their chosen settings), ablations, old (v1);
     --jobs groups at once, one thread each (on 2 cores, two 1-thread b4m runs side by side took
     1.27 times as long as one 2-thread run). report: compare.md and the tables from the record."""
+    if args.phase == "old" and args.world != "v2":
+        raise SystemExit("compare --phase old: v1's runs belong to v2's record; pass --world v2")
     if args.phase == "report":
         return report(read_record())
-    use_world("v1" if args.phase == "old" else "v2")
-    out, model, t0 = Path(args.out), load_evaluator(), time.time()
+    use_world("v1" if args.phase == "old" else args.world)
+    out = Path(args.out or f"runs/toyworld-compare{'' if args.world == 'v2' else '-' + args.world}")
+    model, t0 = load_evaluator(), time.time()
     if args.phase == "old":
         write_record(import_v1)
     groups = plan(args.phase, read_record(), args.seeds)
@@ -889,15 +950,16 @@ def cmd_compare(args):
         write_record(lambda record: record.__setitem__("chosen", choose(record)[0]))
     if args.phase in ("test", "ablations"):
         picture(out / "test" / "heart-checker" / "seed0")  # the README's picture, whichever seeds ran
+    use_world(args.world)
     write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
         args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
     report(read_record())
 
 
-def table(record, phase, methods, against="lora-merge", only=None):
+def table(record, phase, methods, against=("lora-merge",), only=None):
     """Markdown rows: each method's mean [95 % bootstrap interval] of every score over its
     (pair, seed) cells (only those in `only`, if given); then each other method minus B4M, or
-    B4M minus `against` (the merge), cell by cell, over the cells both have."""
+    B4M minus each of `against` (the merge, joint), cell by cell, over the cells both have."""
     cells = {}
     for key, r in record["runs"].items():
         part, method, *_, pair, seed = key.split("/")  # search keys hold the setting too
@@ -910,14 +972,14 @@ def table(record, phase, methods, against="lora-merge", only=None):
         runs = list(cells[method].values())
         rows.append(f"| {method} | {len(runs)} | " + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES)
                     + " |")
-    pairs = [("b4m", against)] if against else [(m, "b4m") for m in methods if m != "b4m"]
+    pairs = [("b4m", m) for m in against] if against else [(m, "b4m") for m in methods if m != "b4m"]
     for a, b in pairs:
         if a not in cells or b not in cells:
             continue
         both = sorted(set(cells[a]) & set(cells[b]))
         diff = [fmt(*paired_difference([cells[a][c][k] for c in both], [cells[b][c][k] for c in both]))
                 for k in SCORES]
-        name = "B4M − merge" if (a, b) == ("b4m", "lora-merge") else f"{a} − b4m"
+        name = {"lora-merge": "B4M − merge", "joint": "B4M − joint"}.get(b) if a == "b4m" else f"{a} − b4m"
         rows.append(f"| {name} (paired) | {len(both)} | " + " | ".join(diff) + " |")
     return rows, cells
 
@@ -932,7 +994,7 @@ def gate_c(record, cells):
     for method in ("b4m", "lora-merge"):
         runs = [(pair.split("-"), r) for (pair, _), r in cells.get(method, {}).items()]
         if chosen.get(method):
-            i = SEARCH[method].index(chosen[method])
+            i = search()[method].index(chosen[method])
             runs += [((a, c), record["runs"][f"search/{method}/{i}/{a}-{c}/seed0"]) for a, _, c in SEARCH_PAIRS]
         shares = []
         for concept in HELD_OUT_SHAPES + HELD_OUT_STYLES:
@@ -947,7 +1009,7 @@ def gate_c(record, cells):
 def picture(cell, k=8):
     """compare.png: a row per method of the cell's first k combined-prompt samples; left as it is
     while the cell lacks B4M's or the merge's run (recorded in another checkout)."""
-    methods = [m for m in ["b4m", "lora-merge", *ABLATIONS] if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
+    methods = [m for m in ["b4m", "lora-merge", "joint", *ABLATIONS] if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
     if methods[:2] != ["b4m", "lora-merge"]:
         return
     grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(methods)), "white")
@@ -956,12 +1018,13 @@ def picture(cell, k=8):
         d.text((2, j * SIZE + 10), method, fill="black")
         for i in range(k):
             grid.paste(Image.open(cell / method / "samples" / f"b4m_{i}.png"), ((4 + i) * SIZE, j * SIZE))
-    grid.save(ROOT / "compare.png")
+    grid.save(record_file().with_suffix(".png"))
 
 
 def report(record):
-    """compare.md: the search, the test table with B4M − merge, gate (c), the old regime's table."""
-    use_world("v2")
+    """compare.md (v2) or compare-v3.md: the search, the test table with B4M − merge (and B4M −
+    joint), gate (c), the ablations; v2's also the old regime's table (v1)."""
+    world = WORLD
     chosen, search_rows = choose(record)
     lines = ["## Search (validation pairs " + ", ".join(f"{a} + {c}" for a, _, c in SEARCH_PAIRS) + "; seed 0)", "",
              "| method | setting | both (mean) | both per pair | content stage | style stage | chosen |",
@@ -971,7 +1034,7 @@ def report(record):
         per_pair = ", ".join(f"{b:.2f}" for b in r["both_per_pair"])
         lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | {per_pair} | "
                      f"{r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} | {mark} |")
-    rows, cells = table(record, "test", ["b4m", "lora-merge"])
+    rows, cells = table(record, "test", list(search()), against=[m for m in search() if m != "b4m"])
     lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
               "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
               *gate_c(record, cells)]
@@ -979,12 +1042,13 @@ def report(record):
     if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
         rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
         lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "", *rows]
-    use_world("v1")
-    rows, _ = table(record, "old", ["b4m", "lora-merge"])
-    lines += ["", "## Old regime: v1, the quick start's old flags (B4M_FLAGS)", "", *rows,
-              "", f"wall time of compare, per phase (s): {json.dumps(record.get('wall_seconds', {}))}"]
-    use_world("v2")
-    (ROOT / "compare.md").write_text("\n".join(lines) + "\n")
+    if world == "v2":
+        use_world("v1")
+        rows, _ = table(record, "old", ["b4m", "lora-merge"])
+        lines += ["", "## Old regime: v1, the quick start's old flags (B4M_FLAGS)", "", *rows]
+        use_world(world)
+    lines += ["", f"wall time of compare, per phase (s): {json.dumps(record.get('wall_seconds', {}))}"]
+    record_file().with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -992,11 +1056,18 @@ def cmd_train(args):
     torch.set_num_threads(args.threads)
     ROOT.mkdir(parents=True, exist_ok=True)
     times = json.loads((ROOT / "train_times.json").read_text()) if (ROOT / "train_times.json").exists() else {}
-    for part in ["evaluator", "vae", "unet"] if args.part == "all" else [args.part]:
+    parts = ["evaluator", "vae", "unet"] + (["rare"] if WORLDS[WORLD].get("rare") else [])
+    for part in parts if args.part == "all" else [args.part]:
         t0 = time.time()
         if part == "evaluator":
             train_evaluator()
             print(json.dumps(evaluator_accuracy()), flush=True)
+        elif part == "rare":  # after the last phase: the rare tokens' rows at their class means
+            pipe = load_model()
+            with torch.no_grad():
+                rare_as_class_means(pipe)
+            pipe.text_encoder.to(torch.float16).save_pretrained(MODEL / "text_encoder")
+            continue
         elif part == "vae":
             vae = train_vae()
             vae.to(torch.float16).save_pretrained(MODEL / "vae")  # the unet part saves the pipeline around it
@@ -1079,7 +1150,7 @@ def main(argv=None):
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
     t = sub.add_parser("train")
-    t.add_argument("--part", choices=["evaluator", "vae", "unet", "all"], default="all")
+    t.add_argument("--part", choices=["evaluator", "vae", "unet", "rare", "all"], default="all")
     t.add_argument("--threads", type=positive, default=1)
     t.add_argument("--world", choices=list(WORLDS), default="v1")
     t.add_argument("--from-phase", type=int, default=0, help="skip the phases before (saved)")
@@ -1105,16 +1176,24 @@ def main(argv=None):
     j.add_argument("--rare-init", choices=["class-mean"], help="see rare_as_class_means")
     c = sub.add_parser("compare")
     c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
-    c.add_argument("--out", default="runs/toyworld-compare", help="the run folders")
+    c.add_argument("--world", choices=["v2", "v3"], default="v3")
+    c.add_argument("--out", help="the run folders (default runs/toyworld-compare[-v3])")
     c.add_argument("--seeds", type=int, nargs="+", default=TEST_SEEDS, help="test, ablations, old")
     c.add_argument("--n", type=positive, default=32, help="samples of each prompt per run")
     c.add_argument("--jobs", type=positive, default=2, help="runs side by side, one thread each")
+    r = sub.add_parser("joint-run", help="one joint run in b4m's layout (compare's joint method)")
+    r.add_argument("--world", choices=list(WORLDS), default="v3")
+    for flag in ("--content", "--style", "--out"):
+        r.add_argument(flag, required=True)
+    for flag, kind, default in (("--seed", int, 0), ("--n", positive, 32), ("--steps", positive, 400),
+                                ("--lr", float, 4e-3), ("--rank", positive, 16), ("--threads", positive, 1)):
+        r.add_argument(flag, type=kind, default=default)
     args = p.parse_args(argv)
     use_world(getattr(args, "world", "v1"))
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
-     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint}[args.command](args)
+     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint, "joint-run": cmd_joint_run}[args.command](args)
 
 
 if __name__ == "__main__":
