@@ -6,10 +6,9 @@ model with partly learnable LoRA projections (PLP).
     (arXiv 2403.19456, "Break-for-Make"). Preconditioner: Zhang & Pilanci, "Riemannian
     Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024 (arXiv 2402.02347).
 
-The method (sections 1-7) needs torch alone and touches no files: 1. PLP, 2. the orthogonal prior,
-3. the preconditioned AdamW, 4. break (with MCP), 5. make, as in the paper; 6. sample; 7. the
-flow-matching loss of SD3 and FLUX.1. Plumbing: 8. the naive baseline, 9. models, 10. files, 11.
-the command line.
+The method (sections 1-7, torch alone, no files): 1. PLP, 2. the orthogonal prior, 3. the
+preconditioned AdamW, 4. break (with MCP), 5. make, 6. sample, 7. the flow-matching loss of SD3
+and FLUX.1. Plumbing: 8. the naive baseline, 9. models, 10. files, 11. the command line.
 
     python b4m.py --content DIR --style DIR [--model ID_OR_FOLDER] [--out runs/b4m]
     python b4m.py sample --run runs/b4m [--prompt "a snq object in w@z style"]
@@ -89,12 +88,11 @@ def check_layer_rank(out_features, in_features, rank):
                          f"for a {out_features}x{in_features} layer, got {rank}")
 
 def orthogonal_prior(out_features, in_features, rank, generator=None):
-    """The frozen scaffold (A, C), cut from one orthonormal basis of this layer's m_f + n_f rows
-    in every layer (deliberately unlike the official code, which cuts rows of a 1280 x r basis in
-    to_q and self-attention to_k/to_v only, and sets A = 0 elsewhere). Why: when
-    r <= m_f, n_f each of A and C alone has full rank r, so the Gram matrices U^T U and V V^T that
-    section 3 inverts are invertible from the first step, whatever B and D are. float64 on the
-    CPU: the same (seed, layer) gives the same A and C whatever --device."""
+    """The frozen scaffold (A, C), cut from one orthonormal basis of this layer's m_f + n_f rows,
+    in every layer (deliberately unlike the official code, which cuts a 1280 x r basis in to_q and
+    self-attention to_k/to_v only, and sets A = 0 elsewhere). Why: for r <= m_f, n_f, A and C each
+    have full rank r, so section 3's U^T U and V V^T are invertible from the first step. float64
+    on the CPU: the same (seed, layer) gives the same A and C whatever --device."""
     check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     Q, R = torch.linalg.qr(torch.randn(m_f + n_f, rank, generator=generator, dtype=torch.float64))
@@ -151,17 +149,15 @@ def remove_plp(denoiser):  # the denoiser as it was: each PLPLinear back to its 
 #       G_B <- G_B (V V^T + delta I)^-1,      G_D <- (U^T U + delta I)^-1 G_D,      then AdamW
 
 def riemannian_precondition(U, V, G_B, G_D, delta=1e-6):
-    """Preconditioned gradients of B (any block of rows of U) and D (any block of columns of V).
-    Why: dW = U V has many factorisations (U M, M^-1 V), and a plain gradient step depends on
-    which one the optimizer holds. With these gradients a plain (SGD) step on the full U and V,
-    at delta = 0, changes dW to first order by -lr (G P_row(V) + P_col(U) G), G = dL/d(dW): it
-    depends only on U's column space and V's row space. B4M steps only B and D, through AdamW
-    (the official choice), so this is the motivation rather than an exact property of make's
-    step. In B4M it balances content and style: B's step (style) is rescaled by V's Gram matrix,
-    which holds the content half D, and D's step by U's, which holds the style half B.
-    The r x r factors act on the rank side, so preconditioning the full gradients of U and V and
-    keeping the B rows and D columns is the same. Batched over a leading dimension. delta is
-    absolute: under the orthogonal prior U^T U and V V^T are of order 1."""
+    """Preconditioned gradients of B (rows of U) and D (columns of V); the r x r factors act on the
+    rank side, so this equals preconditioning all of U's and V's gradient and keeping B and D.
+    Why: dW = U V has many factorisations (U M, M^-1 V). With these gradients an SGD step on the
+    full U and V (delta = 0) changes dW by -lr (G P_row(V) + P_col(U) G) to first order, G =
+    dL/d(dW), whichever factorisation is held. Make steps only B and D, through AdamW (as the
+    official code), so this motivates the step rather than holds exactly for it. It balances the
+    halves: B's step (style) is rescaled by V's Gram matrix, which holds the content half D, and
+    D's by U's, which holds B. Batched over a leading dimension; delta is absolute (under the
+    orthogonal prior U^T U and V V^T are of order 1)."""
     eye = delta * torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     G_B = torch.linalg.solve(V @ V.mT + eye, G_B, left=False)  # G_B (V V^T + delta I)^-1
     G_D = torch.linalg.solve(U.mT @ U + eye, G_D)  # (U^T U + delta I)^-1 G_D

@@ -454,6 +454,25 @@ def test_binding_probes_and_scores_on_a_hand_made_example():
         toyworld.use_world("v1")
 
 
+def test_binding_table_and_stage_adapters_on_a_hand_made_run(tmp_path):
+    """The binding table: a row per method and stage, each probe's mean over the cells and whether
+    it meets its target; stage_adapters reads back exactly what b4m.py's save_lora wrote."""
+    cell = lambda c, s: {"content": {"without_token": c[0], "known_context": c[1]},
+                         "style": {"without_token": s[0], "known_context": s[1]}}
+    record = {"runs": {"binding/b4m/heart-checker/seed0": cell((0.0, 1.0), (0.5, 0.25)),
+                       "binding/b4m/heart-checker/seed1": cell((0.25, 0.5), (0.5, 0.75)),
+                       "test/b4m/heart-checker/seed0": dict.fromkeys(toyworld.SCORES, 0.0)}}
+    rows = toyworld.binding_table(record)
+    assert len(rows) == 4 and rows[2].startswith("| b4m | content | 2 | 0.12 [") and rows[3].startswith("| b4m | style | 2 | 0.50 [")
+    assert rows[2].count("meets") == 2 and rows[3].count("misses") == 1 and rows[3].endswith("meets |")
+    assert toyworld.binding_table({"runs": {}}) == []
+    adapters = {stage: {"down.attn1.to_q": (torch.randn(8, 2), torch.randn(2, 6))} for stage in ("content", "style")}
+    for stage, adapter in adapters.items():
+        b4m.save_lora(tmp_path / stage, adapter, "unet", {"stage": stage})
+    got = toyworld.stage_adapters(tmp_path)
+    assert all(torch.equal(got[s]["down.attn1.to_q"][i], adapters[s]["down.attn1.to_q"][i]) for s in adapters for i in (0, 1))
+
+
 def test_joint_stage_trains_one_lora_on_both_sets_each_with_its_own_prompt(toy_pipe, tmp_path,
                                                                            monkeypatch):
     """The upper bound: one peft LoRA of rank 2r whose every step's loss covers the content set

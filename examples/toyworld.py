@@ -598,6 +598,36 @@ def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model):
     return result
 
 
+def stage_adapters(run):
+    """{stage: (U, V) adapter} of a finished b4m.py run's break stages (the merge's two LoRAs)."""
+    adapters = {}
+    for stage in ("content", "style"):
+        sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
+        adapters[stage] = {k[len("unet."):-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float(), v.float())
+                           for k, v in sd.items() if k.endswith(".lora_A.weight")}
+    return adapters
+
+
+def binding_table(record):
+    """Markdown rows: per method and stage, the two probes' shares, mean [95 % bootstrap interval]
+    over the test cells scored, and whether the mean meets issue 24's target."""
+    cells = {}
+    for key, r in record["runs"].items():
+        part, method, *_ = key.split("/")
+        if part == "binding":
+            cells.setdefault(method, []).append(r)
+    rows = ["| method | stage | cells | without its token (target <= 0.20) | token in a known context (target >= 0.50) |",
+            "|---|---|---|---|---|"]
+    for method, runs in cells.items():
+        for stage in ("content", "style"):
+            (m1, lo1, hi1), (m2, lo2, hi2) = (bootstrap([r[stage][probe] for r in runs])
+                                              for probe in ("without_token", "known_context"))
+            rows.append(f"| {method} | {stage} | {len(runs)} | {m1:.2f} [{lo1:.2f}, {hi1:.2f}] "
+                        f"{'meets' if m1 <= 0.2 else 'misses'} | {m2:.2f} [{lo2:.2f}, {hi2:.2f}] "
+                        f"{'meets' if m2 >= 0.5 else 'misses'} |")
+    return rows if cells else []
+
+
 def joint_stage(pipe, content, style, *, rank, seed, steps, lr, batch_size=8):
     """Joint training, the upper bound: one ordinary LoRA of rank `rank` (the merge's total, 2r)
     trained on both sets at once, each image with its own set's prompt, from b4m's functions:
@@ -922,6 +952,8 @@ def cmd_compare(args):
         raise SystemExit("compare --phase old: v1's runs belong to v2's record; pass --world v2")
     if args.phase == "report":
         return report(read_record())
+    if args.phase == "binding":
+        return binding_phase(args)
     use_world("v1" if args.phase == "old" else args.world)
     out = Path(args.out or f"runs/toyworld-compare{'' if args.world == 'v2' else '-' + args.world}")
     model, t0 = load_evaluator(), time.time()
@@ -953,6 +985,23 @@ def cmd_compare(args):
     use_world(args.world)
     write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
         args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
+    report(read_record())
+
+
+def binding_phase(args):
+    """Issue 24's binding probes on every finished test run of B4M (its break stages) and of the
+    merge (its two LoRAs), in this process; runs already in the record are skipped."""
+    out = Path(args.out or f"runs/toyworld-compare-{args.world}")
+    pipe, model, t0 = load_model(), load_evaluator(), time.time()
+    for key in [k for k in read_record()["runs"] if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
+        _, method, pair, seed = key.split("/")
+        if f"binding/{method}/{pair}/{seed}" in read_record()["runs"]:
+            continue
+        shape, own, new = next(p for p in TEST_PAIRS if f"{p[0]}-{p[2]}" == pair)
+        run = out / "test" / pair / seed / method
+        result = score_binding(pipe, stage_adapters(run), shape, own, new, args.n, int(seed[4:]), model)
+        write_record(lambda record: record["runs"].__setitem__(f"binding/{method}/{pair}/{seed}", result))
+        print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} ({time.time() - t0:.0f} s in all)", flush=True)
     report(read_record())
 
 
@@ -1042,6 +1091,9 @@ def report(record):
     if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
         rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
         lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "", *rows]
+    binding = binding_table(record)
+    if binding:
+        lines += ["", "## Binding: each break stage (each LoRA of the merge) on the test pairs' probes", "", *binding]
     if world == "v2":
         use_world("v1")
         rows, _ = table(record, "old", ["b4m", "lora-merge"])
@@ -1175,7 +1227,8 @@ def main(argv=None):
     j.add_argument("--lever", choices=["named", "varied"], help="see image_sets")
     j.add_argument("--rare-init", choices=["class-mean"], help="see rare_as_class_means")
     c = sub.add_parser("compare")
-    c.add_argument("--phase", choices=["search", "test", "ablations", "old", "report"], default="report")
+    c.add_argument("--phase", choices=["search", "test", "ablations", "binding", "old", "report"],
+                   default="report")
     c.add_argument("--world", choices=["v2", "v3"], default="v3")
     c.add_argument("--out", help="the run folders (default runs/toyworld-compare[-v3])")
     c.add_argument("--seeds", type=int, nargs="+", default=TEST_SEEDS, help="test, ablations, old")
