@@ -343,7 +343,7 @@ def test_toyworld_info_draw_and_score_commands(capsys, tmp_path):
     (["score", "no/such/folder"], "score: no/such/folder is not a folder; give a folder of PNG images"),
     (["compare", "--jobs", "0"], "argument --jobs: must be a whole number >= 1, got 0"),
     (["compare", "--phase", "all"], "argument --phase: invalid choice: 'all' (choose from 'search', 'test', "
-                                     "'ablations', 'old', 'report')"),
+                                     "'ablations', 'binding', 'old', 'report')"),
     (["draw", "--shape", "heart", "--style", "red", "--n", "x", "--out", "x"], "argument --n: must be a whole number >= 1, got x")])
 def test_toyworld_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
