@@ -221,7 +221,7 @@ def test_v3_compare_searches_joint_with_the_same_budget_and_tests_all_three(tmp_
     phase runs all three at their chosen settings; joint's runs are in b4m's layout (run_joint)."""
     toyworld.use_world("v3")
     try:
-        assert set(toyworld.search()) == {"b4m", "lora-merge", "joint"}
+        assert set(toyworld.search()) == {"b4m", "lora-merge", "joint"} and set(toyworld.search()) <= set(toyworld.METHODS)
         assert all(sorted(s["steps"] for s in settings) == [150, 150, 400, 400]
                    for settings in toyworld.search().values())
         record = {"runs": {}, "chosen": {m: s[2] for m, s in toyworld.search().items()}}

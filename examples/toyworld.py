@@ -691,7 +691,8 @@ def cmd_joint(args):
 B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-steps", "50", "--batch-size", "8",
              "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4", "--make-lr", "3e-4"]
 METHODS = {"b4m": [], "lora-merge": ["--baseline", "lora-merge"], "no-mcp": ["--no-mcp"],
-           "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"]}
+           "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"],
+           "joint": []}  # joint: not a b4m.py run (run_joint)
 # The ablations that change make only, and the finished runs whose break stages they may keep
 # (--resume): B4M's, or, where that folder is gone (B4M recorded in another checkout), the
 # other make-only ablation's (its break stages are B4M's: the same flags and seed).
