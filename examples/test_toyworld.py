@@ -234,6 +234,17 @@ def test_v3_compare_searches_joint_with_the_same_budget_and_tests_all_three(tmp_
             args = b4m.parse_args(["--content", "c", "--style", "s", *flags, *toyworld.METHODS[method]])
             assert (args.steps, args.lr, args.rank) == (400, record["chosen"][method]["lr"], 8), key
         assert toyworld.record_file() == toyworld.ROOT / "compare-v3.json"
+        runs = {}  # every setting ties at both-right 0; the stages' own scores break the tie
+        for method, settings in toyworld.search().items():
+            for i in range(4):
+                for a, _, c in toyworld.SEARCH_PAIRS:
+                    runs[f"search/{method}/{i}/{a}-{c}/seed0"] = {**dict.fromkeys(toyworld.SCORES, 0.0),
+                                                                  "content_stage_shape": [0.1, 0.3, 0.3, 0.2][i],
+                                                                  "style_stage_style": [0.5, 0.5, 0.5, 0.9][i]}
+        chosen, _ = toyworld.choose({"runs": runs})
+        assert chosen == {m: s[3] for m, s in toyworld.search().items()}  # 0.55 over 0.4 (the first of two)
+        runs["search/joint/0/crescent-neon/seed0"]["both"] = 0.01  # both-right first
+        assert toyworld.choose({"runs": runs})[0]["joint"] == toyworld.search()["joint"][0]
     finally:
         toyworld.use_world("v1")
 

@@ -897,7 +897,10 @@ def write_record(update):
 
 def choose(record):
     """Per method, the searched setting with the highest mean both-right over SEARCH_PAIRS (the
-    first on a tie), or None while its search is unfinished; and the search's summary rows."""
+    first on a tie), or None while its search is unfinished; and the search's summary rows. v3
+    breaks a tie in both-right by the mean of the two single stages' own scores (the new shape from
+    the content prompt, the new style from the style prompt): on v3 every B4M and merge setting
+    tied at 0.00, and the first of them was the B4M setting whose content stage learned least."""
     chosen, rows = {}, []
     for method, settings in search().items():
         best = None
@@ -908,8 +911,9 @@ def choose(record):
                 break
             mean = {k: sum(r[k] for r in runs) / len(runs) for k in SCORES}
             rows.append({"method": method, "setting": setting, "both_per_pair": [r["both"] for r in runs], **mean})
-            if best is None or mean["both"] > best[0]:
-                best = (mean["both"], setting)
+            stages = (mean["content_stage_shape"] + mean["style_stage_style"]) / 2 if WORLD == "v3" else 0
+            if best is None or (mean["both"], stages) > best[0]:
+                best = ((mean["both"], stages), setting)
         chosen[method] = best and best[1]
     return chosen, rows
 
