@@ -957,10 +957,10 @@ def cmd_compare(args):
         raise SystemExit("compare --phase old: v1's runs belong to v2's record; pass --world v2")
     if args.phase == "report":
         return report(read_record())
-    if args.phase == "binding":
-        return binding_phase(args)
-    use_world("v1" if args.phase == "old" else args.world)
     out = Path(args.out or f"runs/toyworld-compare{'' if args.world == 'v2' else '-' + args.world}")
+    if args.phase == "binding":
+        return binding_phase(out, args.n)
+    use_world("v1" if args.phase == "old" else args.world)
     model, t0 = load_evaluator(), time.time()
     if args.phase == "old":
         write_record(import_v1)
@@ -993,10 +993,9 @@ def cmd_compare(args):
     report(read_record())
 
 
-def binding_phase(args):
+def binding_phase(out, n):
     """Issue 24's binding probes on every finished test run of B4M (its break stages) and of the
     merge (its two LoRAs), in this process; runs already in the record are skipped."""
-    out = Path(args.out or f"runs/toyworld-compare-{args.world}")
     pipe, model, t0 = load_model(), load_evaluator(), time.time()
     for key in [k for k in read_record()["runs"] if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
         _, method, pair, seed = key.split("/")
@@ -1004,7 +1003,7 @@ def binding_phase(args):
             continue
         shape, own, new = next(p for p in TEST_PAIRS if f"{p[0]}-{p[2]}" == pair)
         run = out / "test" / pair / seed / method
-        result = score_binding(pipe, stage_adapters(run), shape, own, new, args.n, int(seed[4:]), model)
+        result = score_binding(pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]), model)
         write_record(lambda record: record["runs"].__setitem__(f"binding/{method}/{pair}/{seed}", result))
         print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} ({time.time() - t0:.0f} s in all)", flush=True)
     report(read_record())
