@@ -13,9 +13,10 @@ comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's 
     python examples/toyworld.py score DIR
     python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2|v3]
     python examples/toyworld.py gates [--n N] [--world v1|v2|v3]
+    python examples/toyworld.py labels   (the evaluators on 160 hand-labelled samples of v3's runs)
     python examples/toyworld.py joint [--world v2|v3] [--steps S] [--lr LR] [--pairs validation|test]
     python examples/toyworld.py regime [--world v1|v2|v3] [--rank R] [--prior-scale S]  (adapter against model)
-    python examples/toyworld.py compare --phase search|test|ablations|old|report [--seeds ...] [--jobs 2]
+    python examples/toyworld.py compare --phase search|test|ablations|binding|rescore|old|report [--seeds ...]
 """
 import argparse
 import json
@@ -39,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import b4m as b4m_py  # noqa: E402  (b4m.py's functions; b4m() below runs its command line)
 ROOT = HERE / "toyworld"
-EVALUATOR = ROOT / "evaluator.safetensors"
 SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 px
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +69,8 @@ WORLDS = {
                widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2),
                        dict(steps=1600, batch=32, lr=3e-4, seed=3),
-                       dict(steps=2400, batch=32, lr=3e-4, seed=4)], rare="class-mean"),
+                       dict(steps=2400, batch=32, lr=3e-4, seed=4)], rare="class-mean",
+               evaluator="evaluator-v3.safetensors"),
 }
 # v3's training captions. Every word of the prompts the toy world gives b4m (the sets' prompt.txt,
 # b4m's default prompts, the combined prompt) other than the rare tokens occurs here, used the same
@@ -205,16 +206,17 @@ def dataset(pairs, n, seed0):
 
 
 class Evaluator(nn.Module):
-    """Two small CNNs, one per question, so that a style cue cannot vote for a shape."""
+    """Two small CNNs, one per question, so that a style cue cannot vote for a shape. no_shape (v3's):
+    an eleventh answer to the shape question, "none", for a sample that shows no shape at all."""
 
-    def __init__(self):
+    def __init__(self, no_shape=False):
         super().__init__()
         net = lambda n: nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(64, 96, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, n))
-        self.shape, self.style = net(len(SHAPES)), net(len(STYLES))
+        self.shape, self.style = net(len(SHAPES) + no_shape), net(len(STYLES))
 
     def forward(self, x):
         return self.shape(x), self.style(x)
@@ -231,15 +233,65 @@ def augment(x, g):
     return (x + torch.rand(n, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
+def warp(x, g, turn=30, zoom=(0.8, 1.25), stretch=0.15, shift=0.25, bend=0.08):
+    """What generated shapes do and drawn ones do not (v3's evaluator): turn (degrees either way),
+    grow or shrink, stretch, move partly out of the frame, and bend (a smooth random displacement)."""
+    n = len(x)
+    a = (torch.rand(n, generator=g) * 2 - 1) * math.radians(turn)
+    s = zoom[0] * (zoom[1] / zoom[0]) ** torch.rand(n, generator=g)
+    aspect = 1 + stretch * (torch.rand(n, generator=g) * 2 - 1)
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    theta = torch.stack([torch.stack([cos * aspect, -sin, t[:, 0]], 1),
+                         torch.stack([sin, cos / aspect, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    field = F.interpolate(torch.randn(n, 2, 4, 4, generator=g), size=x.shape[-2:], mode="bicubic",
+                          align_corners=False).permute(0, 2, 3, 1)
+    grid = grid + bend * field * torch.rand(n, 1, 1, 1, generator=g)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def clutter(style, seed):
+    """A drawing with no shape in it (v3's "none"): the style's fill over a field of small blobs,
+    over thin strokes, or over the whole canvas, the same for the same seed."""
+    rng = random.Random(f"none/{style}/{seed}")
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    kind = rng.random()
+    if kind < 0.2:
+        mask = Image.new("L", (DRAW, DRAW), 255)
+    else:
+        cells = rng.choice([8, 12, 16])
+        field = F.interpolate(torch.randn(1, 1, cells, cells, generator=g), size=(DRAW, DRAW), mode="bicubic",
+                              align_corners=False)[0, 0]
+        level = rng.uniform(-0.3, 0.8)
+        m = (field > level) if kind < 0.6 else ((field - level).abs() < rng.uniform(0.08, 0.25))
+        mask = Image.fromarray((m.numpy() * 255).astype("uint8"))
+    fill, background, mask = style_image(style, mask, rng)
+    return Image.composite(fill, background, mask).resize((SIZE, SIZE), Image.BOX)
+
+
 def train_evaluator(steps=1200, batch=128):
+    """v1 and v2's evaluator: drawn images, augment() only. v3's (issue 24), after the first read
+    the model's own checker hearts as circles and its noise as hearts (label_check): twice the
+    steps, warp() on 80 % of each batch, and "none" for 1,200 clutter() drawings (9 %)."""
+    v3 = "evaluator" in WORLDS[WORLD]
+    steps = 2 * steps if v3 else steps
     torch.manual_seed(0)
     x, ys, yt = dataset([(a, b) for a in SHAPES for b in STYLES], 120, 0)
-    model, g = Evaluator(), torch.Generator().manual_seed(0)
+    if v3:
+        none = [(style, i) for style in STYLES for i in range(120)]
+        x = torch.cat([x, to_tensor([clutter(*it) for it in none])])
+        ys = torch.cat([ys, torch.full((len(none),), len(SHAPES))])
+        yt = torch.cat([yt, torch.tensor([STYLES.index(style) for style, _ in none])])
+    model, g = Evaluator(no_shape=v3), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     for step in range(steps):
         i = torch.randint(len(x), (batch,), generator=g)
-        ps, pt = model(augment(x[i], g))
+        xb = x[i]
+        if v3:
+            xb = torch.where((torch.rand(batch, generator=g) < 0.8)[:, None, None, None], warp(xb, g), xb)
+        ps, pt = model(augment(xb, g))
         loss = F.cross_entropy(ps, ys[i]) + F.cross_entropy(pt, yt[i])
         opt.zero_grad()
         loss.backward()
@@ -248,13 +300,18 @@ def train_evaluator(steps=1200, batch=128):
         if step % 250 == 0:
             print(f"evaluator step {step} loss {loss.item():.4f}", flush=True)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, EVALUATOR)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, evaluator_file())
 
 
-def load_evaluator():
+def evaluator_file():  # v3 has its own (WORLDS["v3"]["evaluator"]); v1 and v2 share the first
+    return ROOT / WORLDS[WORLD].get("evaluator", "evaluator.safetensors")
+
+
+def load_evaluator(path=None):  # this world's, or the one at path
     from safetensors.torch import load_file
-    model = Evaluator()
-    model.load_state_dict(load_file(EVALUATOR))
+    sd = load_file(path or evaluator_file())
+    model = Evaluator(no_shape=len(sd["shape.17.bias"]) > len(SHAPES))  # shape.17: the last layer
+    model.load_state_dict(sd)
     return model.eval()
 
 
@@ -265,7 +322,7 @@ def classify(images, model=None):
     out = []
     for x in (images if torch.is_tensor(images) else to_tensor(images)).split(256):
         ps, pt = model(x)
-        out += [(SHAPES[a], STYLES[b]) for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
+        out += [((SHAPES + ["none"])[a], STYLES[b]) for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
     return out
 
 
@@ -278,6 +335,36 @@ def evaluator_accuracy(n=50, seed0=10**6):
             items = [(a, b, seed0 + i) for a, b in pairs for i in range(n // len(pairs) + 1)][:n]
             got = classify([draw(*it) for it in items], model)
             result[f"{kind}:{name}"] = sum(g[index] == name for g in got) / len(got)
+    if model.shape[-1].out_features > len(SHAPES):  # "none" on fresh clutter
+        got = classify([clutter(STYLES[i % len(STYLES)], seed0 + i) for i in range(n)], model)
+        result["shape:none"] = sum(g[0] == "none" for g in got) / len(got)
+    return result
+
+
+# The check on the model's own drawings (issue 24): 160 samples of v3's comparison, 32 from each of five
+# runs (a row of labelled-v3.png each), with the shape a person names in each by eye, or null where
+# a person names none (noise, strokes, two shapes, a shape that could be two). Labelled before any
+# evaluator read them; what they hold is in labelled-v3.json.
+LABELLED = "labelled-v3"
+
+
+def label_check(model):
+    """Per row and in all: `named`, the share of the samples a person names a shape in that the
+    evaluator reads as that shape; `unnamed_as_target`, the share of the others it reads as the row's
+    target shape (a both-right that no person would count)."""
+    rows = json.loads((ROOT / f"{LABELLED}.json").read_text())["rows"]
+    grid, n = Image.open(ROOT / f"{LABELLED}.png").convert("RGB"), 32  # a row: n samples, SIZE px each
+    got = classify([grid.crop((SIZE * i, SIZE * r, SIZE * (i + 1), SIZE * (r + 1)))
+                    for r in range(len(rows)) for i in range(n)], model)
+    result, totals = {}, [0, 0, 0, 0]
+    for r, row in enumerate(rows):
+        read = [g[0] for g in got[r * n:(r + 1) * n]]
+        named = [(a, b) for a, b in zip(read, row["shapes"]) if b]
+        unnamed = [a for a, b in zip(read, row["shapes"]) if not b]
+        counts = [sum(a == b for a, b in named), len(named), unnamed.count(row["target"]), len(unnamed)]
+        totals = [t + c for t, c in zip(totals, counts)]
+        result[row["run"]] = counts
+    result["named"], result["unnamed_as_target"] = totals[0] / totals[1], totals[2] / totals[3]
     return result
 
 
@@ -586,14 +673,23 @@ def binding_share(got, stage, shape, new_style):
     return sum((a == shape) if stage == "content" else (b == new_style) for a, b in got) / len(got)
 
 
-def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model):
-    """{stage: {probe: share}} for a run's content and style adapters ({stage: (U, V) dict})."""
+def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model, folder):
+    """{stage: {probe: share}} for a run's content and style adapters ({stage: (U, V) dict}). The
+    samples are kept in folder/{stage}_{probe}_{i}.png and read from there when all are present (an
+    evaluator read them before)."""
     result = {}
     for stage, probes in binding_prompts(shape, own_style, new_style).items():
         result[stage] = {}
         for probe, prompt in probes.items():
-            images = b4m_py.generate(pipe, adapters[stage], prompt, num_samples=n, steps=25,
-                                     resolution=SIZE, seed=seed)
+            files = [Path(folder) / f"{stage}_{probe}_{i}.png" for i in range(n)]
+            if all(f.exists() for f in files):
+                images = [Image.open(f) for f in files]
+            else:
+                images = b4m_py.generate(pipe, adapters[stage], prompt, num_samples=n, steps=25,
+                                         resolution=SIZE, seed=seed)
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                for f, im in zip(files, images):
+                    im.save(f)
             result[stage][probe] = binding_share(classify(images, model), stage, shape, new_style)
     return result
 
@@ -918,6 +1014,13 @@ def choose(record):
     return chosen, rows
 
 
+def keep_chosen(record):
+    """record["chosen"]: choose()'s setting for each method that has none yet. A choice made stays:
+    the test runs were made with it, whatever a later evaluator reads in the search's samples."""
+    now = choose(record)[0]
+    record["chosen"] = {m: record.get("chosen", {}).get(m) or now[m] for m in now}
+
+
 def plan(phase, record, seeds):
     """The phase's runs, in order, as groups run one after the other (a cell's B4M run before the
     ablations that reuse its break stages): [[(key, method, flags, pair, seed, folder)]]."""
@@ -960,6 +1063,8 @@ def cmd_compare(args):
     out = Path(args.out or f"runs/toyworld-compare{'' if args.world == 'v2' else '-' + args.world}")
     if args.phase == "binding":
         return binding_phase(out, args.n)
+    if args.phase == "rescore":
+        return rescore_phase(out, args.n)
     use_world("v1" if args.phase == "old" else args.world)
     model, t0 = load_evaluator(), time.time()
     if args.phase == "old":
@@ -984,7 +1089,7 @@ def cmd_compare(args):
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_group, groups))
     if args.phase == "search":
-        write_record(lambda record: record.__setitem__("chosen", choose(record)[0]))
+        write_record(keep_chosen)
     if args.phase in ("test", "ablations"):
         picture(out / "test" / "heart-checker" / "seed0")  # the README's picture, whichever seeds ran
     use_world(args.world)
@@ -993,17 +1098,49 @@ def cmd_compare(args):
     report(read_record())
 
 
+def run_folder(out, key):
+    """(run folder, pair) of a search or test key of the record."""
+    part, method, *setting, pair, seed = key.split("/")
+    found = next(p for p in (SEARCH_PAIRS if part == "search" else TEST_PAIRS) if f"{p[0]}-{p[2]}" == pair)
+    return out / (Path(part, pair, f"setting{setting[0]}") if part == "search" else Path(part, pair, seed)) / method, found
+
+
+def rescore_phase(out, n):
+    """Every search and test run of the record, its saved samples read again by this world's
+    evaluator; the scores it had before are kept once, as "first_evaluator" (then the phase can be
+    run again). A run whose folder is gone keeps its scores, and is named."""
+    model, missing = load_evaluator(), []
+
+    def update(record):
+        for key, r in record["runs"].items():
+            if key.split("/")[0] not in ("search", "test"):
+                continue
+            run, pair = run_folder(out, key)
+            if not (run / "samples" / f"b4m_{n - 1}.png").exists():
+                missing.append(key)
+                continue
+            r.setdefault("first_evaluator", {k: r[k] for k in SCORES})
+            r.update(score_run(run, *pair, n, model), evaluator=evaluator_file().name)
+    write_record(update)
+    print(f"rescored with {evaluator_file().name}; no samples for: {missing or 'none'}", flush=True)
+    report(read_record())
+
+
 def binding_phase(out, n):
     """Issue 24's binding probes on every finished test run of B4M (its break stages) and of the
-    merge (its two LoRAs), in this process; runs already in the record are skipped."""
+    merge (its two LoRAs), in this process; runs this world's evaluator scored are skipped."""
     pipe, model, t0 = load_model(), load_evaluator(), time.time()
     for key in [k for k in read_record()["runs"] if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
         _, method, pair, seed = key.split("/")
-        if f"binding/{method}/{pair}/{seed}" in read_record()["runs"]:
-            continue
+        if read_record()["runs"].get(f"binding/{method}/{pair}/{seed}", {}).get("evaluator") == evaluator_file().name:
+            continue  # scored by this evaluator (not yet: scored by the first, before it had a name)
         shape, own, new = next(p for p in TEST_PAIRS if f"{p[0]}-{p[2]}" == pair)
         run = out / "test" / pair / seed / method
-        result = score_binding(pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]), model)
+        result = score_binding(pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]), model, run / "binding")
+        before = read_record()["runs"].get(f"binding/{method}/{pair}/{seed}")
+        if before:  # kept once, as rescore_phase keeps a run's first scores
+            result["first_evaluator"] = before.get("first_evaluator") or {k: before[k] for k in ("content", "style")}
+        result["evaluator"] = evaluator_file().name
         write_record(lambda record: record["runs"].__setitem__(f"binding/{method}/{pair}/{seed}", result))
         print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} ({time.time() - t0:.0f} s in all)", flush=True)
     report(read_record())
@@ -1078,7 +1215,7 @@ def report(record):
     """compare.md (v2) or compare-v3.md: the search, the test table with B4M − merge (and B4M −
     joint), gate (c), the ablations; v2's also the old regime's table (v1)."""
     world = WORLD
-    chosen, search_rows = choose(record)
+    chosen, search_rows = record.get("chosen") or choose(record)[0], choose(record)[1]
     lines = ["## Search (validation pairs " + ", ".join(f"{a} + {c}" for a, _, c in SEARCH_PAIRS) + "; seed 0)", "",
              "| method | setting | both (mean) | both per pair | content stage | style stage | chosen |",
              "|---|---|---|---|---|---|---|"]
@@ -1087,10 +1224,21 @@ def report(record):
         per_pair = ", ".join(f"{b:.2f}" for b in r["both_per_pair"])
         lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | {per_pair} | "
                      f"{r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} | {mark} |")
+    rescored = {k: r for k, r in record["runs"].items() if "first_evaluator" in r}
+    if rescored:
+        now = choose(record)[0]
+        differ = "; ".join(f"{m} {json.dumps(now[m])}" for m in now if now[m] != chosen.get(m))
+        lines += ["", f"Scores read by {evaluator_file().name} ({len(rescored)} runs read again). The settings "
+                  f"were chosen with the first evaluator and stay; this evaluator's reading of the search "
+                  f"would choose {differ + ' instead' if differ else 'the same'}."]
     rows, cells = table(record, "test", list(search()), against=[m for m in search() if m != "b4m"])
     lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
               "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
               *gate_c(record, cells)]
+    if rescored:
+        first = {**record, "runs": {k: {**r, **r.get("first_evaluator", {})} for k, r in record["runs"].items()}}
+        lines += ["", "## The same test runs read by the first evaluator (evaluator.safetensors)", "",
+                  *table(first, "test", list(search()), against=[m for m in search() if m != "b4m"])[0]]
     ablated = {c for m in ABLATIONS for c in cells.get(m, {})}  # cells: every method's, by cell
     if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
         rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
@@ -1118,6 +1266,7 @@ def cmd_train(args):
         if part == "evaluator":
             train_evaluator()
             print(json.dumps(evaluator_accuracy()), flush=True)
+            part = evaluator_file().stem  # "evaluator", or v3's "evaluator-v3"
         elif part == "rare":  # after the last phase: the rare tokens' rows at their class means
             pipe = load_model()
             with torch.no_grad():
@@ -1181,6 +1330,12 @@ def cmd_draw(args):
         (out / "prompt.txt").write_text(args.prompt + "\n")
 
 
+def cmd_labels(args):
+    """label_check of the first evaluator and of this world's, on the hand-labelled samples."""
+    print(json.dumps({"evaluator.safetensors": label_check(load_evaluator(ROOT / "evaluator.safetensors")),
+                      evaluator_file().name: label_check(load_evaluator())}, indent=1))
+
+
 def cmd_score(args):
     files = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() == ".png" and "grid" not in p.name)  # not b4m's grids
     got = classify([Image.open(p) for p in files])
@@ -1205,6 +1360,7 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
+    sub.add_parser("labels").add_argument("--world", choices=list(WORLDS), default="v3")
     t = sub.add_parser("train")
     t.add_argument("--part", choices=["evaluator", "vae", "unet", "rare", "all"], default="all")
     t.add_argument("--threads", type=positive, default=1)
@@ -1231,7 +1387,7 @@ def main(argv=None):
     j.add_argument("--lever", choices=["named", "varied"], help="see image_sets")
     j.add_argument("--rare-init", choices=["class-mean"], help="see rare_as_class_means")
     c = sub.add_parser("compare")
-    c.add_argument("--phase", choices=["search", "test", "ablations", "binding", "old", "report"],
+    c.add_argument("--phase", choices=["search", "test", "ablations", "binding", "rescore", "old", "report"],
                    default="report")
     c.add_argument("--world", choices=["v2", "v3"], default="v3")
     c.add_argument("--out", help="the run folders (default runs/toyworld-compare[-v3])")
@@ -1250,7 +1406,8 @@ def main(argv=None):
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
     {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
-     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint, "joint-run": cmd_joint_run}[args.command](args)
+     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint, "joint-run": cmd_joint_run,
+     "labels": cmd_labels}[args.command](args)
 
 
 if __name__ == "__main__":
