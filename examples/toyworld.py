@@ -341,30 +341,33 @@ def evaluator_accuracy(n=50, seed0=10**6):
     return result
 
 
-# The check on the model's own drawings (issue 24): 160 samples of v3's comparison, 32 from each of five
-# runs (a row of labelled-v3.png each), with the shape a person names in each by eye, or null where
-# a person names none (noise, strokes, two shapes, a shape that could be two). Labelled before any
-# evaluator read them; what they hold is in labelled-v3.json.
+# The check on the model's own drawings (issue 24): 304 samples of v3's comparison (combined prompt),
+# each with the shape a person names in it by eye, or null where a person names none (noise,
+# strokes, a shape that could be two). Two sets: "five runs", every sample of five runs picked
+# because the first evaluator seemed to misread them (a biased set); "blind", 4 random samples of
+# each of the 36 test runs of seeds 0-2 (B4M, merge, joint), labelled in a shuffled order without
+# the run's name or any evaluator's reading; several copies of one shape count as that shape. The
+# blind set's styles are labelled too, strictly: checker is black on yellow, neon pink on black (a
+# checkerboard in the merge's brown-blue mix is not checker). labelled-v3.png holds them 32 to a
+# row, in labelled-v3.json's order.
 LABELLED = "labelled-v3"
 
 
 def label_check(model):
-    """Per row and in all: `named`, the share of the samples a person names a shape in that the
-    evaluator reads as that shape; `unnamed_as_target`, the share of the others it reads as the row's
-    target shape (a both-right that no person would count)."""
-    rows = json.loads((ROOT / f"{LABELLED}.json").read_text())["rows"]
-    grid, n = Image.open(ROOT / f"{LABELLED}.png").convert("RGB"), 32  # a row: n samples, SIZE px each
-    got = classify([grid.crop((SIZE * i, SIZE * r, SIZE * (i + 1), SIZE * (r + 1)))
-                    for r in range(len(rows)) for i in range(n)], model)
-    result, totals = {}, [0, 0, 0, 0]
-    for r, row in enumerate(rows):
-        read = [g[0] for g in got[r * n:(r + 1) * n]]
-        named = [(a, b) for a, b in zip(read, row["shapes"]) if b]
-        unnamed = [a for a, b in zip(read, row["shapes"]) if not b]
-        counts = [sum(a == b for a, b in named), len(named), unnamed.count(row["target"]), len(unnamed)]
-        totals = [t + c for t, c in zip(totals, counts)]
-        result[row["run"]] = counts
-    result["named"], result["unnamed_as_target"] = totals[0] / totals[1], totals[2] / totals[3]
+    """Per set: `named`, the share of the samples a person names a shape in that the evaluator
+    reads as that shape; `unnamed_as_target`, the share of the others it reads as their run's new
+    shape (a both-right that no person would count)."""
+    samples = json.loads((ROOT / f"{LABELLED}.json").read_text())["samples"]
+    grid = Image.open(ROOT / f"{LABELLED}.png").convert("RGB")
+    got = classify([grid.crop((SIZE * (n % 32), SIZE * (n // 32), SIZE * (n % 32 + 1), SIZE * (n // 32 + 1)))
+                    for n in range(len(samples))], model)
+    result = {}
+    for name in dict.fromkeys(s["set"] for s in samples):
+        mine = [(s, g[0]) for s, g in zip(samples, got) if s["set"] == name]
+        named = [g == s["shape"] for s, g in mine if s["shape"]]
+        unnamed = [g == s["target"] for s, g in mine if not s["shape"]]
+        result[name] = {"named": sum(named) / len(named), "unnamed_as_target": sum(unnamed) / len(unnamed),
+                        "samples": len(mine), "named_samples": len(named)}
     return result
 
 
@@ -1330,10 +1333,25 @@ def cmd_draw(args):
         (out / "prompt.txt").write_text(args.prompt + "\n")
 
 
+def person_reading():
+    """The blind set read by a person, per method: samples with the run's new shape, its new style,
+    both (the comparison's scores, without an evaluator), and samples in all."""
+    counts = {}
+    for s in json.loads((ROOT / f"{LABELLED}.json").read_text())["samples"]:
+        if s["set"] == "blind":
+            shape, style = s["run"].split("/")[-3].split("-")
+            c = counts.setdefault(s["run"].split("/")[-1], dict.fromkeys(["content", "style", "both", "samples"], 0))
+            c["content"] += s["shape"] == shape
+            c["style"] += s["style"] == style
+            c["both"] += s["shape"] == shape and s["style"] == style
+            c["samples"] += 1
+    return counts
+
+
 def cmd_labels(args):
-    """label_check of the first evaluator and of this world's, on the hand-labelled samples."""
+    """label_check of the first evaluator and of this world's, and the blind set as a person read it."""
     print(json.dumps({"evaluator.safetensors": label_check(load_evaluator(ROOT / "evaluator.safetensors")),
-                      evaluator_file().name: label_check(load_evaluator())}, indent=1))
+                      evaluator_file().name: label_check(load_evaluator()), "person": person_reading()}, indent=1))
 
 
 def cmd_score(args):
