@@ -579,8 +579,8 @@ def test_a_choice_made_stays_when_the_search_reads_differently():
 
 def test_rescore_reads_the_saved_samples_again_and_keeps_the_first_scores(tmp_path, monkeypatch, capsys):
     """compare --phase rescore: a run's scores come from its samples, read by the world's
-    evaluator; what the record held before is kept once, as first_evaluator; a run without its
-    folder keeps its scores and is named."""
+    evaluator, and the first evaluator's reading beside them; a run without its folder keeps its
+    scores and is named."""
     toyworld.use_world("v3")
     try:
         monkeypatch.setattr(toyworld, "record_file", lambda: tmp_path / "compare-v3.json")
@@ -593,12 +593,12 @@ def test_rescore_reads_the_saved_samples_again_and_keeps_the_first_scores(tmp_pa
         zero = {**dict.fromkeys(toyworld.SCORES, 0.0), "seconds": 7}
         toyworld.write_record(lambda r: r["runs"].update({"test/b4m/heart-checker/seed0": dict(zero),
                                                           "test/b4m/arrow-neon/seed0": dict(zero)}))
-        for _ in range(2):  # the second pass keeps the first scores as they were
+        for _ in range(2):  # the same again: the phase reads the samples, not the record
             toyworld.rescore_phase(tmp_path / "runs", 4)
             runs = toyworld.read_record()["runs"]
             heart = runs["test/b4m/heart-checker/seed0"]
             assert (heart["both"], heart["style_leak"], heart["content_stage_shape"], heart["seconds"]) == (0.5, 0.25, 1.0, 7)
-            assert heart["first_evaluator"] == dict.fromkeys(toyworld.SCORES, 0.0)
+            assert heart["first_evaluator"] == {k: heart[k] for k in toyworld.SCORES}  # drawn: both read right
             assert heart["evaluator"] == "evaluator-v3.safetensors"
             assert runs["test/b4m/arrow-neon/seed0"] == zero
         assert "no samples for: ['test/b4m/arrow-neon/seed0']" in capsys.readouterr().out

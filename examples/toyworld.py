@@ -1110,9 +1110,9 @@ def run_folder(out, key):
 
 def rescore_phase(out, n):
     """Every search and test run of the record, its saved samples read again by this world's
-    evaluator; the scores it had before are kept once, as "first_evaluator" (then the phase can be
-    run again). A run whose folder is gone keeps its scores, and is named."""
-    model, missing = load_evaluator(), []
+    evaluator, and by the first one (kept beside, as "first_evaluator"), so the phase can be run
+    again at any time. A run whose folder is gone keeps its scores, and is named."""
+    model, first, missing = load_evaluator(), load_evaluator(ROOT / "evaluator.safetensors"), []
 
     def update(record):
         for key, r in record["runs"].items():
@@ -1122,8 +1122,8 @@ def rescore_phase(out, n):
             if not (run / "samples" / f"b4m_{n - 1}.png").exists():
                 missing.append(key)
                 continue
-            r.setdefault("first_evaluator", {k: r[k] for k in SCORES})
-            r.update(score_run(run, *pair, n, model), evaluator=evaluator_file().name)
+            r.update(score_run(run, *pair, n, model), first_evaluator=score_run(run, *pair, n, first),
+                     evaluator=evaluator_file().name)
     write_record(update)
     print(f"rescored with {evaluator_file().name}; no samples for: {missing or 'none'}", flush=True)
     report(read_record())
