@@ -1133,16 +1133,17 @@ def binding_phase(out, n):
     """Issue 24's binding probes on every finished test run of B4M (its break stages) and of the
     merge (its two LoRAs), in this process; runs this world's evaluator scored are skipped."""
     pipe, model, t0 = load_model(), load_evaluator(), time.time()
+    first = load_evaluator(ROOT / "evaluator.safetensors")
     for key in [k for k in read_record()["runs"] if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
         _, method, pair, seed = key.split("/")
         if read_record()["runs"].get(f"binding/{method}/{pair}/{seed}", {}).get("evaluator") == evaluator_file().name:
             continue  # scored by this evaluator (not yet: scored by the first, before it had a name)
         shape, own, new = next(p for p in TEST_PAIRS if f"{p[0]}-{p[2]}" == pair)
         run = out / "test" / pair / seed / method
-        result = score_binding(pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]), model, run / "binding")
-        before = read_record()["runs"].get(f"binding/{method}/{pair}/{seed}")
-        if before:  # kept once, as rescore_phase keeps a run's first scores
-            result["first_evaluator"] = before.get("first_evaluator") or {k: before[k] for k in ("content", "style")}
+        args = (pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]))
+        result = score_binding(*args, model, run / "binding")
+        # the first evaluator's reading beside, as rescore_phase keeps it (the samples are saved now)
+        result["first_evaluator"] = score_binding(*args, first, run / "binding")
         result["evaluator"] = evaluator_file().name
         write_record(lambda record: record["runs"].__setitem__(f"binding/{method}/{pair}/{seed}", result))
         print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} ({time.time() - t0:.0f} s in all)", flush=True)
