@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,6 +269,37 @@ def test_compare_skips_the_runs_its_record_holds(tmp_path, monkeypatch, capsys, 
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["runs"] == record["runs"] and saved["chosen"] == {m: s[3] for m, s in toyworld.SEARCH.items()}
     assert "| b4m | " in (tmp_path / "compare.md").read_text()
+
+
+def test_a_stopped_compare_keeps_the_wall_time_of_the_runs_it_finished(tmp_path, monkeypatch, evaluator):
+    """Two search runs left: the first takes 100 s on a fake clock, the second is stopped (Ctrl-C)
+    after 30 s more. The record keeps the first run and 100 s, added when that run finished."""
+    record = search_record({m: [[0.1 * i, 0.0] for i in range(4)] for m in toyworld.SEARCH})
+    left = sorted(record["runs"])[:2]
+    for key in left:
+        del record["runs"][key]
+    monkeypatch.setattr(toyworld, "record_file", lambda: tmp_path / "compare.json")
+    (tmp_path / "compare.json").write_text(json.dumps(record))
+    clock = [1000.0]
+    monkeypatch.setattr(toyworld, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(toyworld, "image_sets", lambda out, *pair: (out / "c", out / "s"))
+
+    def run_method(method, out, *args, **kw):
+        clock[0] += 100 if not (tmp_path / "first").exists() else 30
+        if (tmp_path / "first").exists():
+            raise KeyboardInterrupt
+        (tmp_path / "first").touch()
+        return out
+    monkeypatch.setattr(toyworld, "run_method", run_method)
+    monkeypatch.setattr(toyworld, "score_run", lambda *a: dict.fromkeys(toyworld.SCORES, 0.5))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            toyworld.main(["compare", "--world", "v2", "--phase", "search", "--out", str(tmp_path / "runs")])
+    finally:
+        toyworld.use_world("v1")
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert sorted(key in saved["runs"] for key in left) == [False, True]  # the first run, kept
+    assert saved["wall_seconds"] == {"search": 100}
 
 
 def test_ablation_table_pairs_each_ablation_with_b4m_on_the_cells_it_ran():

@@ -1072,7 +1072,7 @@ def cmd_compare(args):
     model, t0 = load_evaluator(), time.time()
     if args.phase == "old":
         write_record(import_v1)
-    groups = plan(args.phase, read_record(), args.seeds)
+    groups, counted = plan(args.phase, read_record(), args.seeds), [t0]
 
     def run_group(group):
         for key, method, flags, pair, seed, folder in group:
@@ -1086,8 +1086,16 @@ def cmd_compare(args):
                       "flags": B4M_FLAGS if flags is None else flags, "method_flags": METHODS[method],
                       "samples": args.n}
             write_record(lambda record: record["runs"].__setitem__(key, result))
+            add_wall()
             print(f"{key}: both {result['both']:.2f}, {result['seconds']} s ({time.time() - t0:.0f} s in all)",
                   flush=True)
+
+    def add_wall():  # the phase's wall time, added as runs finish: a stopped compare keeps its count
+        with RECORD_LOCK:
+            seconds = round(time.time() - counted[0])
+            counted[0] += seconds
+        write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
+            args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + seconds))
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_group, groups))
@@ -1096,8 +1104,7 @@ def cmd_compare(args):
     if args.phase in ("test", "ablations"):
         picture(out / "test" / "heart-checker" / "seed0")  # the README's picture, whichever seeds ran
     use_world(args.world)
-    write_record(lambda record: record.setdefault("wall_seconds", {}).__setitem__(
-        args.phase, record.get("wall_seconds", {}).get(args.phase, 0) + round(time.time() - t0)))
+    add_wall()
     report(read_record())
 
 
