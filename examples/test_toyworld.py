@@ -480,6 +480,22 @@ def test_v3_text_encoder_has_context_and_v2s_has_none():
     assert toyworld.MODEL == EXAMPLES / "toyworld" / "model" and len(toyworld.TRAIN_PAIRS) == 60
 
 
+def test_block_norms_of_a_hand_made_adapter_and_the_blocks_command(tmp_path, capsys):
+    """U = [A; B] = [1; 2], V = [C, D] = [3, 4] in two layers: the blocks A C = 3, A D = 4, B C = 6,
+    B D = 8, each sqrt(2) times that over both layers; `blocks` averages them over runs."""
+    adapter = {"a.to_q": (torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0, 4.0]]))}
+    adapter["b.to_q"] = tuple(x.clone() for x in adapter["a.to_q"])
+    expected = {"AC": 3, "AD": 4, "BC": 6, "BD": 8, "all": 125 ** 0.5}
+    assert toyworld.block_norms(adapter) == pytest.approx({k: v * 2 ** 0.5 for k, v in expected.items()})
+    for stage, scale in [("content", 1.0), ("style", 2.0), ("b4m", 3.0)]:
+        made = {k: (U * scale, V) for k, (U, V) in adapter.items()}
+        b4m.save_lora(tmp_path / "run" / stage, made, "unet", {"stage": stage})
+    toyworld.main(["blocks", str(tmp_path / "run")])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["style"] == {**{k: round(2 * v * 2 ** 0.5, 2) for k, v in expected.items()}, "runs": 1}
+    assert printed["b4m"]["BD"] == round(3 * 8 * 2 ** 0.5, 2)
+
+
 def test_binding_probes_and_scores_on_a_hand_made_example():
     """Issue 24's binding: each stage's own prompt without its rare token, and the token in a known
     context; a share counts the stage's own new concept only."""

@@ -707,6 +707,30 @@ def stage_adapters(run):
     return adapters
 
 
+def block_norms(adapter):
+    """{block: Frobenius norm over every layer} of the four blocks of dW = U V = [[A C, A D], [B C, B D]]
+    (b4m.py's section 1): A C the frozen scaffold, A D the content half's, B C the style half's, and
+    B D the cross block, which in a made adapter pairs the style stage's B with the content stage's D."""
+    squares = dict.fromkeys(["AC", "AD", "BC", "BD"], 0.0)
+    for U, V in adapter.values():
+        A, B, C, D = b4m_py.halves(U.double(), V.double())
+        for name, (X, Y) in zip(squares, [(A, C), (A, D), (B, C), (B, D)]):
+            squares[name] += (X @ Y).square().sum().item()
+    return {name: math.sqrt(s) for name, s in {**squares, "all": sum(squares.values())}.items()}
+
+
+def cmd_blocks(args):
+    """block_norms of the content, style and made adapters of b4m.py runs, each the mean over the runs."""
+    norms = {}
+    for run in args.runs:
+        for stage in ("content", "style", "b4m"):
+            sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
+            adapter = {k: (sd[k.replace("lora_A", "lora_B")], v) for k, v in sd.items() if k.endswith("lora_A.weight")}
+            norms.setdefault(stage, []).append(block_norms(adapter))
+    print(json.dumps({stage: {k: round(sum(r[k] for r in rs) / len(rs), 2) for k in rs[0]} | {"runs": len(rs)}
+                      for stage, rs in norms.items()}, indent=1))
+
+
 def binding_table(record):
     """Markdown rows: per method and stage, the two probes' shares, mean [95 % bootstrap interval]
     over the test cells scored, and whether the mean meets issue 24's target."""
@@ -1386,6 +1410,7 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
+    sub.add_parser("blocks", help="the four blocks' norms of runs' adapters").add_argument("runs", nargs="+")
     sub.add_parser("labels").add_argument("--world", choices=list(WORLDS), default="v3")
     t = sub.add_parser("train")
     t.add_argument("--part", choices=["evaluator", "vae", "unet", "rare", "all"], default="all")
@@ -1431,7 +1456,7 @@ def main(argv=None):
     use_world(getattr(args, "world", "v1"))
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
-    {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "train": cmd_train, "gates": cmd_gates,
+    {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "blocks": cmd_blocks, "train": cmd_train, "gates": cmd_gates,
      "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint, "joint-run": cmd_joint_run,
      "labels": cmd_labels}[args.command](args)
 
