@@ -490,10 +490,51 @@ def test_block_norms_of_a_hand_made_adapter_and_the_blocks_command(tmp_path, cap
     for stage, scale in [("content", 1.0), ("style", 2.0), ("b4m", 3.0)]:
         made = {k: (U * scale, V) for k, (U, V) in adapter.items()}
         b4m.save_lora(tmp_path / "run" / stage, made, "unet", {"stage": stage})
-    toyworld.main(["blocks", str(tmp_path / "run")])
+    try:
+        toyworld.main(["blocks", str(tmp_path / "run")])
+    finally:
+        toyworld.use_world("v1")
     printed = json.loads(capsys.readouterr().out)
     assert printed["style"] == {**{k: round(2 * v * 2 ** 0.5, 2) for k, v in expected.items()}, "runs": 1}
     assert printed["b4m"]["BD"] == round(3 * 8 * 2 ** 0.5, 2)
+
+
+def test_without_cross_removes_exactly_the_cross_block():
+    g = torch.Generator().manual_seed(0)
+    U, V = torch.randn(5, 3, generator=g), torch.randn(3, 7, generator=g)
+    (U2, V2), = toyworld.without_cross({"x": (U, V)}).values()
+    expected = U @ V
+    expected[2:, 3:] = 0  # B D: the rows of B (the last 3 of 5) by the columns of D (the last 4 of 7)
+    assert U2.shape == (5, 6) and V2.shape == (6, 7) and torch.allclose(U2 @ V2, expected)
+
+
+def test_blocks_samples_a_made_adapter_as_it_is_and_without_its_cross_block(tmp_path, capsys):
+    """B = 0 in every layer: the cross block is zero, so both variants draw the same images; the
+    run's prompt, seed and sampling settings come from its config.json."""
+    try:
+        toyworld.use_world("v3")
+        layers = {n: m for n, m in toyworld.load_model().unet.named_modules() if b4m.is_target(n, m)}
+    finally:
+        toyworld.use_world("v1")
+    g = torch.Generator().manual_seed(0)
+    adapter = {n: (torch.cat([torch.randn(m.out_features // 2, 2, generator=g) / 10,
+                              torch.zeros(m.out_features - m.out_features // 2, 2)]),
+                   torch.randn(2, m.in_features, generator=g) / 10) for n, m in layers.items()}
+    run = tmp_path / "test" / "heart-checker" / "seed0" / "b4m"
+    for stage in ("content", "style", "b4m"):
+        b4m.save_lora(run / stage, {k: (U.clone(), V.clone()) for k, (U, V) in adapter.items()}, "unet", {"stage": stage})
+    settings = {"prompt": "a heart in checker style", "seed": 0, "sample_steps": 2, "sample_resolution": 32,
+                "sample_guidance": None}
+    (run / "config.json").write_text(json.dumps({"settings": settings}))
+    try:
+        toyworld.main(["blocks", str(run), "--n", "2"])
+    finally:
+        toyworld.use_world("v1")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["b4m"]["BD"] == 0 and printed["b4m"]["runs"] == 1
+    read = printed[str(run)]
+    assert set(read) == {"made", "without cross"} and read["made"] == read["without cross"]
+    assert all(0 <= v <= 1 and v * 2 == int(v * 2) for r in read.values() for v in r.values())
 
 
 def test_binding_probes_and_scores_on_a_hand_made_example():

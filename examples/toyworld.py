@@ -697,14 +697,16 @@ def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model, f
     return result
 
 
+def run_adapter(run, stage):
+    """{layer: (U, V)}, fp32, of a finished b4m.py run's stage folder (content, style or b4m)."""
+    sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
+    return {k[len("unet."):-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float(), v.float())
+            for k, v in sd.items() if k.endswith(".lora_A.weight")}
+
+
 def stage_adapters(run):
     """{stage: (U, V) adapter} of a finished b4m.py run's break stages (the merge's two LoRAs)."""
-    adapters = {}
-    for stage in ("content", "style"):
-        sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
-        adapters[stage] = {k[len("unet."):-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float(), v.float())
-                           for k, v in sd.items() if k.endswith(".lora_A.weight")}
-    return adapters
+    return {stage: run_adapter(run, stage) for stage in ("content", "style")}
 
 
 def block_norms(adapter):
@@ -719,16 +721,38 @@ def block_norms(adapter):
     return {name: math.sqrt(s) for name, s in {**squares, "all": sum(squares.values())}.items()}
 
 
+def without_cross(adapter):
+    """The adapter less its cross block: dW = [[A C, A D], [B C, 0]], the rank-2r LoRA
+    U' = [[A, A], [B, 0]], V' = [[C, 0], [0, D]]."""
+    out = {}
+    for name, (U, V) in adapter.items():
+        A, B, C, D = b4m_py.halves(U, V)
+        out[name] = (torch.cat([torch.cat([A, A], 1), torch.cat([B, torch.zeros_like(B)], 1)]),
+                     torch.cat([torch.cat([C, torch.zeros_like(D)], 1), torch.cat([torch.zeros_like(C), D], 1)]))
+    return out
+
+
 def cmd_blocks(args):
-    """block_norms of the content, style and made adapters of b4m.py runs, each the mean over the runs."""
-    norms = {}
-    for run in args.runs:
+    """block_norms of the content, style and made adapters of B4M runs, each the mean over the runs;
+    with --n, each run's made adapter also sampled as it is and without its cross block (the run's
+    prompt, seed and sampling settings), read by the world's evaluator."""
+    norms, read = {}, {}
+    pipe, model = (load_model(), load_evaluator()) if args.n else (None, None)
+    for run in map(Path, args.runs):
         for stage in ("content", "style", "b4m"):
-            sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
-            adapter = {k: (sd[k.replace("lora_A", "lora_B")], v) for k, v in sd.items() if k.endswith("lora_A.weight")}
-            norms.setdefault(stage, []).append(block_norms(adapter))
+            norms.setdefault(stage, []).append(block_norms(run_adapter(run, stage)))
+        if args.n:
+            shape, style = run.parts[-3].split("-")  # .../{test,search}/{shape}-{style}/{seed,setting}/b4m
+            config = json.loads((run / "config.json").read_text())["settings"]
+            for name, adapter in [("made", run_adapter(run, "b4m")), ("without cross", without_cross(run_adapter(run, "b4m")))]:
+                got = classify(b4m_py.generate(pipe, adapter, config["prompt"], num_samples=args.n, seed=config["seed"],
+                                               steps=config["sample_steps"], resolution=config["sample_resolution"],
+                                               guidance=config["sample_guidance"]), model)
+                read.setdefault(str(run), {})[name] = {"shape": sum(s == shape for s, _ in got) / args.n,
+                                                       "style": sum(t == style for _, t in got) / args.n,
+                                                       "both": sum(s == shape and t == style for s, t in got) / args.n}
     print(json.dumps({stage: {k: round(sum(r[k] for r in rs) / len(rs), 2) for k in rs[0]} | {"runs": len(rs)}
-                      for stage, rs in norms.items()}, indent=1))
+                      for stage, rs in norms.items()} | read, indent=1))
 
 
 def binding_table(record):
@@ -1410,7 +1434,10 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--prompt", help="also write DIR/prompt.txt (a b4m image set)")
     sub.add_parser("score").add_argument("dir")
-    sub.add_parser("blocks", help="the four blocks' norms of runs' adapters").add_argument("runs", nargs="+")
+    b = sub.add_parser("blocks", help="the four blocks' norms of B4M runs' adapters")
+    b.add_argument("runs", nargs="+")
+    b.add_argument("--n", type=int, default=0, help="also sample each made adapter, with and without its cross block")
+    b.add_argument("--world", choices=list(WORLDS), default="v3")
     sub.add_parser("labels").add_argument("--world", choices=list(WORLDS), default="v3")
     t = sub.add_parser("train")
     t.add_argument("--part", choices=["evaluator", "vae", "unet", "rare", "all"], default="all")
