@@ -220,6 +220,11 @@ def test_compare_searches_validation_pairs_only_and_chooses_by_mean_both_right()
         setting = chosen["lora-merge" if method == "lora-merge" else "b4m"]
         assert (args.lr, args.style_lr, args.rank, args.steps) == (setting["lr"], setting["style_lr"], 8, 150), key
         assert args.prior_scale == setting.get("prior_scale", 1.0)
+    groups = toyworld.plan("ablations", record, [0, 1])  # make-only ablations on every cell first
+    assert [[run[1] for run in g] for g in groups] == ([["b4m", "no-precondition", "make-steps-0"]] * 8
+                                                       + [["b4m", "no-mcp", "no-orth-prior"]] * 8)
+    assert [g[0][2:5] for g in groups[:8]] == [g[0][2:5] for g in groups[8:]]  # the same 8 cells, same flags
+    assert sorted(r[1] for g in groups for r in g if r[1] != "b4m") == sorted(toyworld.ABLATIONS * 8)
 
 
 def test_v3_compare_searches_joint_with_the_same_budget_and_tests_all_three(tmp_path):

@@ -1073,8 +1073,8 @@ def keep_chosen(record):
 
 
 def plan(phase, record, seeds):
-    """The phase's runs, in order, as groups run one after the other (a cell's B4M run before the
-    ablations that reuse its break stages): [[(key, method, flags, pair, seed, folder)]]."""
+    """The phase's runs, in order, as groups, each run after the one before it (a cell's B4M run
+    before the ablations that reuse its break stages): [[(key, method, flags, pair, seed, folder)]]."""
     name = lambda pair: f"{pair[0]}-{pair[2]}"
     if phase == "search":
         return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting), pair, 0,
@@ -1086,11 +1086,13 @@ def plan(phase, record, seeds):
     chosen = record.get("chosen", {})
     if not all(chosen.get(m) for m in search()):
         raise SystemExit(f"compare --phase {phase}: no chosen settings in {record_file()}; run --phase search first")
-    methods = list(search()) if phase == "test" else ["b4m", *ABLATIONS]  # b4m: kept when scored
+    # Ablations: first the cheap make-only ones on every cell, then those that train their own
+    # break stages; B4M first in each group, kept where the test phase scored it.
+    passes = [list(search())] if phase == "test" else [["b4m", *REUSE_BREAK], ["b4m", "no-mcp", "no-orth-prior"]]
     searched = lambda m: m if m in search() else "b4m"  # ablations: at B4M's settings
     flags = lambda m: setting_flags(searched(m), chosen[searched(m)])
     return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed, Path("test") / name(pair) / f"seed{seed}")
-             for m in methods] for seed in seeds for pair in TEST_PAIRS]
+             for m in methods] for methods in passes for seed in seeds for pair in TEST_PAIRS]
 
 
 def import_v1(record):
