@@ -1169,18 +1169,19 @@ def rescore_phase(out, n):
     """Every search and test run of the record, its saved samples read again by this world's
     evaluator, and by the first one (kept beside, as "first_evaluator"), so the phase can be run
     again at any time. A run whose folder is gone keeps its scores, and is named."""
-    model, first, missing = load_evaluator(), load_evaluator(ROOT / "evaluator.safetensors"), []
-
-    def update(record):
-        for key, r in record["runs"].items():
-            if key.split("/")[0] not in ("search", "test"):
-                continue
+    model, first, missing, scores = load_evaluator(), load_evaluator(ROOT / "evaluator.safetensors"), [], {}
+    for key in read_record()["runs"]:  # read first, written at once: other compares may be writing
+        if key.split("/")[0] in ("search", "test"):
             run, pair = run_folder(out, key)
             if not (run / "samples" / f"b4m_{n - 1}.png").exists():
                 missing.append(key)
                 continue
-            r.update(score_run(run, *pair, n, model), first_evaluator=score_run(run, *pair, n, first),
-                     evaluator=evaluator_file().name)
+            scores[key] = {**score_run(run, *pair, n, model), "first_evaluator": score_run(run, *pair, n, first),
+                           "evaluator": evaluator_file().name}
+
+    def update(record):
+        for key, new in scores.items():
+            record["runs"][key].update(new)
     write_record(update)
     print(f"rescored with {evaluator_file().name}; no samples for: {missing or 'none'}", flush=True)
     report(read_record())
