@@ -1073,8 +1073,9 @@ def keep_chosen(record):
 
 
 def plan(phase, record, seeds):
-    """The phase's runs, in order, as groups, each run after the one before it (a cell's B4M run
-    before the ablations that reuse its break stages): [[(key, method, flags, pair, seed, folder)]]."""
+    """The phase's runs as groups: --jobs groups run side by side, a group's runs one after the other
+    (a cell's B4M run before the ablations that reuse its break stages): [[(key, method, flags, pair,
+    seed, folder)]]."""
     name = lambda pair: f"{pair[0]}-{pair[2]}"
     if phase == "search":
         return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting), pair, 0,
