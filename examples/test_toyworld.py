@@ -366,6 +366,30 @@ def test_make_only_ablations_reuse_a_finished_b4m_run_and_train_their_own_otherw
     assert (cell / "no-precondition" / "config.json").read_text() == "b4m/config.json"
 
 
+def test_a_stopped_run_is_resumed_and_started_over_only_when_b4m_refuses(tmp_path, monkeypatch):
+    """A run folder holding a b4m run (config.json) that is not finished: --resume; b4m.py refusing
+    it (exit 2) gives --overwrite; a signal (exit 143) stops compare with the checkpoints kept."""
+    calls, codes = [], []
+
+    def fake_b4m(*argv, threads=None):
+        calls.append(argv)
+        if codes:
+            raise toyworld.subprocess.CalledProcessError(codes.pop(0), "b4m.py")
+    monkeypatch.setattr(toyworld, "b4m", fake_b4m)
+    run = tmp_path / "no-mcp"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"settings": {}, "versions": {"b4m": b4m.__version__}}))
+    toyworld.run_method("no-mcp", tmp_path, "c", "s", 0, 2)
+    assert len(calls) == 1 and "--resume" in calls[0] and "--overwrite" not in calls[0]
+    codes.append(2)
+    toyworld.run_method("no-mcp", tmp_path, "c", "s", 0, 2)
+    assert "--resume" in calls[1] and "--overwrite" in calls[2] and "--resume" not in calls[2]
+    codes.append(143)
+    with pytest.raises(toyworld.subprocess.CalledProcessError):
+        toyworld.run_method("no-mcp", tmp_path, "c", "s", 0, 2)
+    assert len(calls) == 4 and "--resume" in calls[3]
+
+
 def test_bootstrap_interval_on_a_hand_made_example():
     assert toyworld.bootstrap([0.5] * 6) == (0.5, 0.5, 0.5)  # no spread, no interval
     # 4 cells: a resample's mean is k/4, k ~ Binomial(4, 1/2): P(k = 0) = P(k = 4) = 1/16 > 2.5 %,

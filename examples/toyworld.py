@@ -897,9 +897,9 @@ def b4m(*argv, threads=None):
 
 def run_method(method, out, content, style, seed, n, flags=None, threads=None):
     """One b4m.py run of `method` in out/method (flags: the run's settings, default the old
-    regime's B4M_FLAGS); a finished run is kept. The ablations that change only make reuse the
-    break stages of a finished out/b4m (or REUSE_BREAK's other run) when there is one (--resume),
-    else train their own (the same seed draws the same break stages)."""
+    regime's B4M_FLAGS); a finished run is kept, a stopped one resumed. The ablations that change only
+    make reuse the break stages of a finished out/b4m (or REUSE_BREAK's other run) when there is one
+    (--resume), else train their own (the same seed draws the same break stages)."""
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
@@ -914,6 +914,14 @@ def run_method(method, out, content, style, seed, n, flags=None, threads=None):
             src = out / done[0] / part  # copied again over an interrupted earlier attempt
             shutil.copytree(src, run / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, run / part)
         common.append("--resume")
+    elif b4m_py.read_config(run) is not None:  # stopped earlier (a session's end): go on from its checkpoints
+        try:
+            b4m(*common, "--resume", *METHODS[method], threads=threads)
+            return run
+        except subprocess.CalledProcessError as e:
+            if e.returncode != 2:  # a signal or a crash: stop, keeping the checkpoints
+                raise
+        common.append("--overwrite")  # b4m.py refused to resume it (exit 2: other settings, say)
     else:
         common.append("--overwrite")
     b4m(*common, *METHODS[method], threads=threads)
