@@ -299,7 +299,8 @@ def test_a_stopped_compare_keeps_the_wall_time_of_the_runs_it_finished(tmp_path,
     monkeypatch.setattr(toyworld, "score_run", lambda *a: dict.fromkeys(toyworld.SCORES, 0.5))
     try:
         with pytest.raises(KeyboardInterrupt):
-            toyworld.main(["compare", "--world", "v2", "--phase", "search", "--out", str(tmp_path / "runs")])
+            toyworld.main(["compare", "--world", "v2", "--phase", "search", "--out", str(tmp_path / "runs"),
+                           "--jobs", "1"])  # one run at a time: the fake run_method is not thread-safe
     finally:
         toyworld.use_world("v1")
     saved = json.loads((tmp_path / "compare.json").read_text())
