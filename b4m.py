@@ -88,15 +88,15 @@ def check_layer_rank(out_features, in_features, rank):
                          f"for a {out_features}x{in_features} layer, got {rank}")
 
 def orthogonal_prior(out_features, in_features, rank, generator=None):
-    """The frozen scaffold (A, C), cut from one orthonormal basis of this layer's m_f + n_f rows,
-    in every layer (deliberately unlike the official code, which cuts a 1280 x r basis in to_q and
-    self-attention to_k/to_v only, and sets A = 0 elsewhere). Why: for r <= m_f, n_f, A and C each
-    have full rank r, so section 3's U^T U and V V^T are invertible from the first step. float64
-    on the CPU: the same (seed, layer) gives the same A and C whatever --device."""
+    """The frozen scaffold (A, C), cut from r orthonormal columns of length m_f + n_f, in every
+    layer (deliberately unlike the official code: only to_q and self-attention to_k/to_v; A = 0
+    elsewhere, so there D gets no gradient until B moves). Why: for r <= m_f, n_f, A and C have full
+    rank r, so make's U^T U and V V^T (section 3) are invertible from its first step. float64 on the
+    CPU: the same (seed, layer) gives the same A and C on any --device."""
     check_layer_rank(out_features, in_features, rank)
     m_f, n_f = out_features // 2, in_features // 2
     Q, R = torch.linalg.qr(torch.randn(m_f + n_f, rank, generator=generator, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R))  # the unique QR (R's diagonal > 0): Q is the draw's alone
+    Q = Q * torch.sign(torch.diagonal(R))  # R's diagonal > 0: Q depends on the draw, not on LAPACK
     return Q[:m_f], Q[m_f:].T.contiguous()
 
 def random_prior(out_features, in_features, rank, generator=None):
@@ -155,8 +155,8 @@ def riemannian_precondition(U, V, G_B, G_D, delta=1e-6):
     full U and V (delta = 0) changes dW by -lr (G P_row(V) + P_col(U) G) to first order, G =
     dL/d(dW), whichever factorisation is held. Make steps only B and D, through AdamW (as the
     official code), so this motivates the step rather than holds exactly for it. It balances the
-    halves: B's step (style) is rescaled by V's Gram matrix, which holds the content half D, and
-    D's by U's, which holds B. Batched over a leading dimension; delta is absolute (under the
+    halves: B's gradient (style) is rescaled by V's Gram matrix, which holds the content half D,
+    and D's by U's, which holds B. Batched over a leading dimension; delta is absolute (under the
     orthogonal prior U^T U and V V^T are of order 1)."""
     eye = delta * torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
     G_B = torch.linalg.solve(V @ V.mT + eye, G_B, left=False)  # G_B (V V^T + delta I)^-1
@@ -202,9 +202,9 @@ class RiemannianAdamW(torch.optim.AdamW):
 #       style stage:    B <- grad_B L_style,     D <- grad_D mean_k L_aux_content_k
 #       L = || eps_theta(z_t, t, c) - target ||^2,   target = eps, or v (v-prediction models)
 # Content goes to the down projection's half D, style to the up projection's half B (the
-# official scripts). MCP keeps each half general: while one half learns its concept, the other
-# is trained on other concepts of the other kind (default: the other target set), so that halves
-# from different runs fit in make.
+# official scripts). MCP keeps the learned half general: while it learns its concept, the other
+# half is trained on other concepts of the other kind (default: the other target set), so that
+# the learned half fits a partner from another run in make.
 # A set: one folder of images and its prompt, encoded once before training (section 9):
 #   {"mean", "std": each image's latent posterior, in the denoiser's latent scale (N x c x h x w),
 #    "cond": the prompt's conditioning for the denoiser (a dict of tensors, batch 1)}.
@@ -378,7 +378,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
                 scaler.scale(L / grad_accum).backward(inputs=trained)
                 L_total += L.item() / grad_accum
             leave_unreached(optimizer)
-            clip_and_step(optimizer, scaler, max_grad_norm)  # RiemannianAdamW: after clipping
+            clip_and_step(optimizer, scaler, max_grad_norm)  # preconditions the clipped gradients
             log.append([step, L_total])
             if on_step:
                 on_step(step, log, optimizer, scaler, generator)
@@ -416,7 +416,9 @@ def generate(pipe, adapter, prompt, *, num_samples, steps, resolution, seed, gui
 
 # 7. Flow-matching transformers (SD3 / SD3.5, FLUX.1): the loss that changes -------------------
 #       x_t = (1 - sigma) x0 + sigma eps,    L = || v_theta(x_t, t, c) - (eps - x0) ||^2
-#       (sections 1-5 are unchanged: the PLP split is defined on any nn.Linear)
+#       (sections 1-5 take the loss as given: the PLP split is defined on any nn.Linear)
+# Beyond the paper (it adapts SDXL's UNet): whether the split parts content from style in an MMDiT
+# is an open question.
 # As diffusers' DreamBooth LoRA scripts for SD3 and FLUX train: sigma read from a fresh copy of
 # the model's FlowMatchEulerDiscreteScheduler at a timestep drawn from a density, logit-normal
 # (mean 0, std 1) for SD3 and uniform for FLUX, each its script's default. Dropped, for one plain
@@ -432,8 +434,8 @@ def flow_matching_loss(velocity, noise_scheduler, batch_size, sets, generator, d
         u = torch.sigmoid(torch.normal(0.0, 1.0, size=(len(x0),), generator=generator))
     else:
         u = torch.rand(size=(len(x0),), generator=generator)
-    # t and sigma at index u T of the training schedule, which runs from t = T, sigma = 1 (pure
-    # noise) down (both densities are symmetric about 1/2)
+    # t and sigma at index u T of the training schedule, which runs down from t = T, sigma = 1
+    # (pure noise); both densities are symmetric about 1/2, so the direction does not matter
     index = (u * noise_scheduler.config.num_train_timesteps).long()
     t = noise_scheduler.timesteps[index].to(x0.device)
     sigma = noise_scheduler.sigmas[index].to(x0.device).view(-1, 1, 1, 1)
