@@ -29,7 +29,8 @@ def read_images(files, resolution):
         try:
             images.append(open_image(path, resolution))
         except Exception as e:  # PIL raises many kinds
-            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})", file=sys.stderr)
+            print(f"warning: skipping {path}: not a readable image ({type(e).__name__})",
+                  file=sys.stderr)
     return images
 
 def read_run(run):

@@ -283,7 +283,8 @@ def test_evaluate_bad_input(clip, tmp_path, capsys):
 
 
 def test_a_content_folder_without_prompt_txt_takes_the_default_prompt(model, tmp_path):
-    """b4m.py: only auxiliary sets need a prompt.txt; content and style fall back to the defaults."""
+    """b4m.py: only auxiliary sets need a prompt.txt; content and style fall back
+    to the defaults."""
     content = tmp_path / "content"
     content.mkdir()
     for path in (EXAMPLES / "content").glob("*.png"):

@@ -9,14 +9,20 @@ a held-out shape, style or combination; 4. the gates, joint training (the upper 
 comparison of B4M, the naive LoRA merge and the ablations, run through b4m.py's command line.
 
     python examples/toyworld.py info
-    python examples/toyworld.py draw --shape heart --style blue --n 8 --out DIR [--seed K] [--prompt P]
+    python examples/toyworld.py draw --shape heart --style blue --n 8 --out DIR [--seed K]
+        [--prompt P]
     python examples/toyworld.py score DIR
-    python examples/toyworld.py train [--part evaluator|vae|unet|all] [--world v1|v2|v3]
+    python examples/toyworld.py train [--part evaluator|vae|unet|rare|all] [--world v1|v2|v3]
     python examples/toyworld.py gates [--n N] [--world v1|v2|v3]
-    python examples/toyworld.py labels   (the evaluators on 160 hand-labelled samples of v3's runs)
-    python examples/toyworld.py joint [--world v2|v3] [--steps S] [--lr LR] [--pairs validation|test]
-    python examples/toyworld.py regime [--world v1|v2|v3] [--rank R] [--prior-scale S]  (adapter against model)
-    python examples/toyworld.py compare --phase search|test|ablations|binding|rescore|old|report [--seeds ...]
+    python examples/toyworld.py labels
+        (the evaluators on 304 hand-labelled samples of v3's runs)
+    python examples/toyworld.py joint [--world v2|v3] [--steps S] [--lr LR]
+        [--pairs validation|other-validation|test] [--lever named|varied] [--rare-init class-mean]
+    python examples/toyworld.py blocks RUN... [--n N]   (the four blocks of B4M runs' adapters)
+    python examples/toyworld.py regime [--world v1|v2|v3] [--rank R] [--prior-scale S]
+        (adapter against model)
+    python examples/toyworld.py compare --phase search|test|ablations|binding|rescore|old|report
+        [--seeds ...]
 """
 import argparse
 import json
@@ -46,9 +52,12 @@ SIZE, DRAW = 32, 128  # drawn at 128 px and box-downsampled: smooth edges at 32 
 # 1. The world
 # ---------------------------------------------------------------------------------------------
 
-SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "crescent", "heart", "arrow"]
-STYLES = ["red", "blue", "stripes", "dots", "outline", "gradient", "night", "zebra", "checker", "neon"]
-HELD_OUT_PAIRS = [("circle", "stripes"), ("triangle", "night"), ("cross", "gradient"), ("hexagon", "dots")]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "crescent",
+          "heart", "arrow"]
+STYLES = ["red", "blue", "stripes", "dots", "outline", "gradient", "night", "zebra",
+          "checker", "neon"]
+HELD_OUT_PAIRS = [("circle", "stripes"), ("triangle", "night"), ("cross", "gradient"),
+                  ("hexagon", "dots")]
 # Two base models share the drawing, the VAE's design and the evaluator. v1, the first: heart,
 # arrow, checker and neon held out, attention projections 32 and 64 wide (the quick start and the
 # README's comparison so far). v2, in SDXL's regime (issue 17): three shapes and three styles held
@@ -56,17 +65,21 @@ HELD_OUT_PAIRS = [("circle", "stripes"), ("triangle", "night"), ("cross", "gradi
 # that a rank-8 adapter is small against every layer (r / m_f <= 0.25, as rank 64 in SDXL).
 # phases: UNet + text encoder training; a later phase starts from the saved (EMA) weights.
 WORLDS = {
-    "v1": dict(held_out_shapes=["heart", "arrow"], held_out_styles=["checker", "neon"], widths=(32, 64),
-               heads=4, text_width=64, folder="model",
-               phases=[dict(steps=2400, batch=48, lr=1e-3, seed=2), dict(steps=1500, batch=48, lr=3e-4, seed=3)]),
-    "v2": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
+    "v1": dict(held_out_shapes=["heart", "arrow"], held_out_styles=["checker", "neon"],
+               widths=(32, 64), heads=4, text_width=64, folder="model",
+               phases=[dict(steps=2400, batch=48, lr=1e-3, seed=2),
+                       dict(steps=1500, batch=48, lr=3e-4, seed=3)]),
+    "v2": dict(held_out_shapes=["heart", "arrow", "crescent"],
+               held_out_styles=["checker", "neon", "zebra"],
                widths=(64, 128), heads=8, text_width=128, folder="model-v2",
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2)]),
     # v3 (issue 24): v2's held-out concepts and widths; captions in every template the toy world's
     # prompts use (CAPTIONS), and a two-layer text transformer with learned positions and CLIP's
     # causal mask, trained with the UNet, so that context reaches each word as in SD's CLIP.
-    "v3": dict(held_out_shapes=["heart", "arrow", "crescent"], held_out_styles=["checker", "neon", "zebra"],
-               widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2, captions=True,
+    "v3": dict(held_out_shapes=["heart", "arrow", "crescent"],
+               held_out_styles=["checker", "neon", "zebra"],
+               widths=(64, 128), heads=8, text_width=128, folder="model-v3", text_layers=2,
+               captions=True,
                phases=[dict(steps=3200, batch=32, lr=6e-4, seed=2),
                        dict(steps=1600, batch=32, lr=3e-4, seed=3),
                        dict(steps=2400, batch=32, lr=3e-4, seed=4)], rare="class-mean",
@@ -78,12 +91,14 @@ WORLDS = {
 # Captions naming only the shape (only the style) are drawn with the image's own labels, so the
 # other concept varies freely under them. Weights: both 0.6, shape only 0.15, style only 0.15
 # (and 0.1 empty, for classifier-free guidance).
-CAPTIONS = {"both": ["a {shape} in {style} style", "a {shape} object in {style} style",
-                     "a photo of a {shape} in {style} style", "a photo of {shape} object in {style} style",
-                     "an image of a {shape} in {style} style", "a {shape} object made from {style} style",
-                     "an image in {style} style of a {shape} object"],
-            "shape": ["a photo of {shape} object", "a photo of a {shape}", "a {shape} object", "a {shape}"],
-            "style": ["an image in {style} style", "in {style} style", "an image of an object in {style} style"]}
+CAPTIONS = {
+    "both": ["a {shape} in {style} style", "a {shape} object in {style} style",
+             "a photo of a {shape} in {style} style", "a photo of {shape} object in {style} style",
+             "an image of a {shape} in {style} style", "a {shape} object made from {style} style",
+             "an image in {style} style of a {shape} object"],
+    "shape": ["a photo of {shape} object", "a photo of a {shape}", "a {shape} object", "a {shape}"],
+    "style": ["an image in {style} style", "in {style} style",
+              "an image of an object in {style} style"]}
 
 
 def use_world(name):
@@ -95,7 +110,8 @@ def use_world(name):
     WORLD, HELD_OUT_SHAPES, HELD_OUT_STYLES = name, w["held_out_shapes"], w["held_out_styles"]
     KNOWN_SHAPES = [s for s in SHAPES if s not in HELD_OUT_SHAPES]
     KNOWN_STYLES = [s for s in STYLES if s not in HELD_OUT_STYLES]
-    TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES if (a, b) not in HELD_OUT_PAIRS]
+    TRAIN_PAIRS = [(a, b) for a in KNOWN_SHAPES for b in KNOWN_STYLES
+                   if (a, b) not in HELD_OUT_PAIRS]
     WIDTHS, HEADS, TEXT_WIDTH, MODEL = w["widths"], w["heads"], w["text_width"], ROOT / w["folder"]
     TEXT_LAYERS, VARIED_CAPTIONS = w.get("text_layers", 0), w.get("captions", False)
 
@@ -105,18 +121,22 @@ use_world("v1")
 
 def polygon(shape):
     """Outline in unit coordinates (radius 1 around the centre), or None for the round shapes."""
-    ring = lambda n, radii, start: [(radii[i % len(radii)] * math.cos(math.radians(start + 360 * i / n)),
-                                     radii[i % len(radii)] * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
+    ring = lambda n, radii, start: [
+        (radii[i % len(radii)] * math.cos(math.radians(start + 360 * i / n)),
+         radii[i % len(radii)] * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
     w = 0.33
     return {"square": [(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)],
             "triangle": [(x, y + .2) for x, y in ring(3, [1], -90)],
             "star": ring(10, [1, .42], -90),
-            "cross": [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)],
+            "cross": [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
+                      (-1, w), (-1, -w), (-w, -w)],
             "diamond": [(0, -1), (.62, 0), (0, 1), (-.62, 0)],
             "hexagon": ring(6, [.95], 0),
-            "arrow": [(-1, -.28), (.05, -.28), (.05, -.8), (1, 0), (.05, .8), (.05, .28), (-1, .28)],
-            "heart": [(16 * math.sin(t) ** 3 / 17, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
-                                                    - math.cos(4 * t)) / 17 - .05)
+            "arrow": [(-1, -.28), (.05, -.28), (.05, -.8), (1, 0), (.05, .8), (.05, .28),
+                      (-1, .28)],
+            "heart": [(16 * math.sin(t) ** 3 / 17,
+                       -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                         - math.cos(4 * t)) / 17 - .05)
                       for t in [2 * math.pi * i / 64 for i in range(64)]]}.get(shape)
 
 
@@ -155,7 +175,8 @@ def pattern(kind, colours, period, phase):
 
 def gradient(left, right):
     row = Image.new("RGB", (DRAW, 1))
-    row.putdata([tuple(round(a + (b - a) * x / (DRAW - 1)) for a, b in zip(left, right)) for x in range(DRAW)])
+    row.putdata([tuple(round(a + (b - a) * x / (DRAW - 1)) for a, b in zip(left, right))
+                 for x in range(DRAW)])
     return row.resize((DRAW, DRAW), Image.NEAREST)
 
 
@@ -168,18 +189,22 @@ def style_image(style, mask, rng):
         mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(17)))
     return {"red": lambda: (flat((220, 30, 30)), flat(white)),
             "blue": lambda: (flat((30, 60, 220)), flat(white)),
-            "stripes": lambda: (pattern("stripes", [(20, 120, 40), (250, 220, 40)], 16, phase), flat(white)),
+            "stripes": lambda: (pattern("stripes", [(20, 120, 40), (250, 220, 40)], 16, phase),
+                                flat(white)),
             "dots": lambda: (pattern("dots", [(120, 40, 160), white], 16, phase), flat(white)),
             "outline": lambda: (flat((30, 160, 60)), flat(white)),
             "gradient": lambda: (gradient((0, 200, 220), (220, 0, 200)), flat(white)),
             "night": lambda: (flat((250, 240, 150)), flat((20, 20, 70))),
-            "zebra": lambda: (pattern("diagonal", [(0, 0, 0), white], 16, phase), flat((170, 200, 230))),
-            "checker": lambda: (pattern("checker", [(0, 0, 0), (250, 200, 0)], 16, phase), flat(white)),
+            "zebra": lambda: (pattern("diagonal", [(0, 0, 0), white], 16, phase),
+                              flat((170, 200, 230))),
+            "checker": lambda: (pattern("checker", [(0, 0, 0), (250, 200, 0)], 16, phase),
+                                flat(white)),
             "neon": lambda: (flat((255, 40, 200)), flat((0, 0, 0)))}[style]() + (mask,)
 
 
 def draw(shape, style, seed):
-    """One 32x32 image of `shape` in `style`, random position and size, the same for the same seed."""
+    """One 32x32 image of `shape` in `style`, random position and size, the same
+    for the same seed."""
     rng = random.Random(f"{shape}/{style}/{seed}")
     r = rng.uniform(30, 52)
     cx, cy = rng.uniform(r, DRAW - r), rng.uniform(r, DRAW - r)
@@ -188,8 +213,9 @@ def draw(shape, style, seed):
 
 
 def to_tensor(images):  # [-1, 1], N x 3 x 32 x 32
-    data = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").resize((SIZE, SIZE), Image.BOX).tobytes()),
-                                         dtype=torch.uint8) for im in images])
+    data = torch.stack([
+        torch.frombuffer(bytearray(im.convert("RGB").resize((SIZE, SIZE), Image.BOX).tobytes()),
+                         dtype=torch.uint8) for im in images])
     return data.view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -197,7 +223,8 @@ def dataset(pairs, n, seed0):
     """n images of every (shape, style) pair, their labels; seed0 keeps train and test apart."""
     items = [(a, b, seed0 + i) for a, b in pairs for i in range(n)]
     x = to_tensor([draw(*it) for it in items])
-    return x, torch.tensor([SHAPES.index(a) for a, _, _ in items]), torch.tensor([STYLES.index(b) for _, b, _ in items])
+    return (x, torch.tensor([SHAPES.index(a) for a, _, _ in items]),
+            torch.tensor([STYLES.index(b) for _, b, _ in items]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,16 +233,20 @@ def dataset(pairs, n, seed0):
 
 
 class Evaluator(nn.Module):
-    """Two small CNNs, one per question, so that a style cue cannot vote for a shape. no_shape (v3's):
-    an eleventh answer to the shape question, "none", for a sample that shows no shape at all."""
+    """Two small CNNs, one per question, so that a style cue cannot vote for a shape. no_shape
+    (v3's): an eleventh answer to the shape question, "none", for a sample that shows no shape at
+    all."""
 
     def __init__(self, no_shape=False):
         super().__init__()
         net = lambda n: nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 96, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, n))
+            nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 96, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(96, n))
         self.shape, self.style = net(len(SHAPES) + no_shape), net(len(STYLES))
 
     def forward(self, x):
@@ -226,16 +257,20 @@ def augment(x, g):
     """What generated images get wrong and drawn ones do not: blur, colour drift, noise."""
     n = len(x)
     k = torch.tensor([1.0, 2.0, 1.0])
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None] / 16).expand(3, 1, 3, 3), groups=3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"),
+                       (k[:, None] * k[None] / 16).expand(3, 1, 3, 3), groups=3)
     w = torch.rand(n, 1, 1, 1, generator=g)
     x = w * blurred + (1 - w) * x
-    x = x * (1 + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5)) + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5)
-    return (x + torch.rand(n, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    x = (x * (1 + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5))
+         + 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - .5))
+    return (x + torch.rand(n, 1, 1, 1, generator=g) * 0.08
+            * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
 def warp(x, g, turn=30, zoom=(0.8, 1.25), stretch=0.15, shift=0.25, bend=0.08):
     """What generated shapes do and drawn ones do not (v3's evaluator): turn (degrees either way),
-    grow or shrink, stretch, move partly out of the frame, and bend (a smooth random displacement)."""
+    grow or shrink, stretch, move partly out of the frame, and bend (a smooth
+    random displacement)."""
     n = len(x)
     a = (torch.rand(n, generator=g) * 2 - 1) * math.radians(turn)
     s = zoom[0] * (zoom[1] / zoom[0]) ** torch.rand(n, generator=g)
@@ -261,8 +296,8 @@ def clutter(style, seed):
         mask = Image.new("L", (DRAW, DRAW), 255)
     else:
         cells = rng.choice([8, 12, 16])
-        field = F.interpolate(torch.randn(1, 1, cells, cells, generator=g), size=(DRAW, DRAW), mode="bicubic",
-                              align_corners=False)[0, 0]
+        field = F.interpolate(torch.randn(1, 1, cells, cells, generator=g), size=(DRAW, DRAW),
+                              mode="bicubic", align_corners=False)[0, 0]
         level = rng.uniform(-0.3, 0.8)
         m = (field > level) if kind < 0.6 else ((field - level).abs() < rng.uniform(0.08, 0.25))
         mask = Image.fromarray((m.numpy() * 255).astype("uint8"))
@@ -290,7 +325,8 @@ def train_evaluator(steps=1200, batch=128):
         i = torch.randint(len(x), (batch,), generator=g)
         xb = x[i]
         if v3:
-            xb = torch.where((torch.rand(batch, generator=g) < 0.8)[:, None, None, None], warp(xb, g), xb)
+            xb = torch.where((torch.rand(batch, generator=g) < 0.8)[:, None, None, None],
+                             warp(xb, g), xb)
         ps, pt = model(augment(xb, g))
         loss = F.cross_entropy(ps, ys[i]) + F.cross_entropy(pt, yt[i])
         opt.zero_grad()
@@ -322,7 +358,8 @@ def classify(images, model=None):
     out = []
     for x in (images if torch.is_tensor(images) else to_tensor(images)).split(256):
         ps, pt = model(x)
-        out += [((SHAPES + ["none"])[a], STYLES[b]) for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
+        out += [((SHAPES + ["none"])[a], STYLES[b])
+                for a, b in zip(ps.argmax(1).tolist(), pt.argmax(1).tolist())]
     return out
 
 
@@ -341,15 +378,15 @@ def evaluator_accuracy(n=50, seed0=10**6):
     return result
 
 
-# The check on the model's own drawings (issue 24): 304 samples of v3's comparison (combined prompt),
-# each with the shape a person names in it by eye, or null where a person names none (noise,
-# strokes, a shape that could be two). Two sets: "five runs", every sample of five runs picked
-# because the first evaluator seemed to misread them (a biased set); "blind", 4 random samples of
-# each of the 36 test runs of seeds 0-2 (B4M, merge, joint), labelled in a shuffled order without
-# the run's name or any evaluator's reading; several copies of one shape count as that shape. The
-# blind set's styles are labelled too, strictly: checker is black on yellow, neon pink on black (a
-# checkerboard in the merge's brown-blue mix is not checker). labelled-v3.png holds them 32 to a
-# row, in labelled-v3.json's order.
+# The check on the model's own drawings (issue 24): 304 samples of v3's comparison (combined
+# prompt), each with the shape a person names in it by eye, or null where a person names none
+# (noise, strokes, a shape that could be two). Two sets: "five runs", every sample of five runs
+# picked because the first evaluator seemed to misread them (a biased set); "blind", 4 random
+# samples of each of the 36 test runs of seeds 0-2 (B4M, merge, joint), labelled in a shuffled order
+# without the run's name or any evaluator's reading; several copies of one shape count as that
+# shape. The blind set's styles are labelled too, strictly: checker is black on yellow, neon pink on
+# black (a checkerboard in the merge's brown-blue mix is not checker). labelled-v3.png holds them 32
+# to a row, in labelled-v3.json's order.
 LABELLED = "labelled-v3"
 
 
@@ -359,14 +396,16 @@ def label_check(model):
     shape (a both-right that no person would count)."""
     samples = json.loads((ROOT / f"{LABELLED}.json").read_text())["samples"]
     grid = Image.open(ROOT / f"{LABELLED}.png").convert("RGB")
-    got = classify([grid.crop((SIZE * (n % 32), SIZE * (n // 32), SIZE * (n % 32 + 1), SIZE * (n // 32 + 1)))
+    got = classify([grid.crop((SIZE * (n % 32), SIZE * (n // 32),
+                               SIZE * (n % 32 + 1), SIZE * (n // 32 + 1)))
                     for n in range(len(samples))], model)
     result = {}
     for name in dict.fromkeys(s["set"] for s in samples):
         mine = [(s, g[0]) for s, g in zip(samples, got) if s["set"] == name]
         named = [g == s["shape"] for s, g in mine if s["shape"]]
         unnamed = [g == s["target"] for s, g in mine if not s["shape"]]
-        result[name] = {"named": sum(named) / len(named), "unnamed_as_target": sum(unnamed) / len(unnamed),
+        result[name] = {"named": sum(named) / len(named),
+                        "unnamed_as_target": sum(unnamed) / len(unnamed),
                         "samples": len(mine), "named_samples": len(named)}
     return result
 
@@ -375,8 +414,10 @@ def label_check(model):
 # 3. The base model: VAE, word-level text encoder, UNet with cross-attention at every resolution
 # ---------------------------------------------------------------------------------------------
 
-# Every word b4m's prompts use is one token; held-out names and the rare words never occur in training.
-WORDS = ["a", "an", "in", "style", "of", "photo", "image", "object", "made", "from", "snq", "w@z", "sks", "zqx"]
+# Every word b4m's prompts use is one token; held-out names and the rare words never
+# occur in training.
+WORDS = ["a", "an", "in", "style", "of", "photo", "image", "object", "made", "from",
+         "snq", "w@z", "sks", "zqx"]
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 MAX_TOKENS = 16
 
@@ -387,11 +428,13 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + SHAPES + STYLES)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "w@z" stays one word (CLIP's would split it in three)
+    # "w@z" stays one word (CLIP's would split it in three)
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
                                                        special_tokens=[("<bos>", 1), ("<eos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=MAX_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=MAX_TOKENS)
 
 
 def make_text_encoder(vocab_size):
@@ -427,8 +470,9 @@ def caption_weights():
 
 def make_vae():
     from diffusers import AutoencoderKL
-    return AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
-                         sample_size=SIZE, down_block_types=("DownEncoderBlock2D",) * 2,
+    return AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                         latent_channels=4, sample_size=SIZE,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2)
 
 
@@ -437,18 +481,21 @@ def make_unet():
     return UNet2DConditionModel(
         sample_size=SIZE // 2, block_out_channels=WIDTHS, layers_per_block=1, norm_num_groups=8,
         attention_head_dim=HEADS, cross_attention_dim=TEXT_WIDTH,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # 16x16 and 8x8: adapters reach
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))  # the layers that draw the shape
+        # 16x16 and 8x8: adapters reach the layers that draw the shape
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def make_scheduler():
     from diffusers import DPMSolverMultistepScheduler
-    return DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+    return DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                       num_train_timesteps=1000)
 
 
 def train_vae(steps=600, batch=32):
     torch.manual_seed(0)
-    x, _, _ = dataset([(a, b) for a in SHAPES for b in STYLES], 100, 0)  # every shape and style: a general codec
+    # every shape and style: a general codec
+    x, _, _ = dataset([(a, b) for a in SHAPES for b in STYLES], 100, 0)
     vae, g = make_vae(), torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for step in range(steps):
@@ -462,7 +509,8 @@ def train_vae(steps=600, batch=32):
         if step % 250 == 0:
             print(f"vae step {step} mse {F.mse_loss(rec, xb).item():.5f}", flush=True)
     with torch.no_grad():  # latents of unit variance, as SD's scaling factor does
-        vae.register_to_config(scaling_factor=1 / vae.encode(x[:2000]).latent_dist.mean.std().item())
+        vae.register_to_config(
+            scaling_factor=1 / vae.encode(x[:2000]).latent_dist.mean.std().item())
     return vae.eval()
 
 
@@ -473,15 +521,18 @@ def vae_check(vae, n=4):
     x, ys, yt = dataset(pairs, n, 10**6)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     got = classify(((rec + 1) * 127.5).round() / 127.5 - 1)  # as if saved as 8-bit images
-    right = sum(s == SHAPES[a] and t == STYLES[b] for (s, t), a, b in zip(got, ys.tolist(), yt.tolist()))
-    return {"psnr_db": round(10 * math.log10(4 / F.mse_loss(rec, x).item()), 2), "both_right": right / len(got)}
+    right = sum(s == SHAPES[a] and t == STYLES[b]
+                for (s, t), a, b in zip(got, ys.tolist(), yt.tolist()))
+    return {"psnr_db": round(10 * math.log10(4 / F.mse_loss(rec, x).item()), 2),
+            "both_right": right / len(got)}
 
 
 def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=100):
     """UNet and text encoder together, on captions() of the training pairs only (one caption of
-    each image's, drawn by caption_weights() at every step); 10% empty prompts so that classifier-free guidance has an unconditional branch. start: a
-    (text encoder, UNet) to go on from, with a fresh optimizer (a later phase). Every `every` steps
-    the whole state goes to `checkpoint`; a run started again continues from it exactly."""
+    each image's, drawn by caption_weights() at every step); 10% empty prompts so that
+    classifier-free guidance has an unconditional branch. start: a (text encoder, UNet) to go on
+    from, with a fresh optimizer (a later phase). Every `every` steps the whole state goes to
+    `checkpoint`; a run started again continues from it exactly."""
     from diffusers import DDPMScheduler
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
@@ -503,7 +554,8 @@ def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=1
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warm = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1, (s + 1) / warm)
+                       * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     g, start, seconds = torch.Generator().manual_seed(seed), 0, 0.0
     if checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=True)
@@ -531,7 +583,8 @@ def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.999, (step + 1) / (step + 10)))
+        torch._foreach_lerp_(ema, [p.detach() for p in params],
+                             1 - min(0.999, (step + 1) / (step + 10)))
         if step % 100 == 0:
             print(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if checkpoint and (step + 1) % every == 0 and step + 1 < steps:
@@ -548,8 +601,9 @@ def train_unet(vae, steps, batch, lr, seed, start=None, checkpoint=None, every=1
 
 def save_model(vae, te, unet, tokenizer, out=None):
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out or MODEL)  # fp16 on disk; b4m loads it in fp32
 
 
@@ -563,7 +617,8 @@ def load_model(path=None):
 def sample(pipe, prompt, n, seed, steps=25):
     """As b4m.py samples (its `generate`): default guidance, the model's native 32 px."""
     g = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, height=SIZE, width=SIZE, generator=g).images
+    return pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, height=SIZE, width=SIZE,
+                generator=g).images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +653,8 @@ def regime(unet, rank, seed=0, scale=1.0):
         row = rows.setdefault((kind, m, n), {"type": kind, "shape": f"{m}x{n}", "layers": 0,
                                              "r/m_f": rank / m_f, "r/n_f": rank / n_f,
                                              "B rows": m - m_f, "D columns": n - n_f,
-                                             "|dW_init|": [], "|dW_init|/|W0|": [], "|AC|/|W0_AC|": []})
+                                             "|dW_init|": [], "|dW_init|/|W0|": [],
+                                             "|AC|/|W0_AC|": []})
         row["layers"] += 1
         row["|dW_init|"].append(dW.norm().item())
         if module.weight.device.type != "meta":
@@ -617,17 +673,21 @@ def sdxl_unet_on_meta():
     with torch.device("meta"):
         return UNet2DConditionModel(
             sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 
 
 def gate(pipe, pairs, n, seed, model):
     """Share of samples of `a {shape} in {style} style` showing that shape, that style, both."""
-    got = [(s == a, t == b) for a, b in pairs for s, t in classify(sample(pipe, f"a {a} in {b} style", n, seed), model)]
+    got = [(s == a, t == b) for a, b in pairs
+           for s, t in classify(sample(pipe, f"a {a} in {b} style", n, seed), model)]
     share = lambda right: sum(map(right, got)) / len(got)
-    return {"shape": share(lambda g: g[0]), "style": share(lambda g: g[1]), "both": share(all), "n": len(got)}
+    return {"shape": share(lambda g: g[0]), "style": share(lambda g: g[1]), "both": share(all),
+            "n": len(got)}
 
 
 # The prompts the toy world gives b4m (its defaults and the sets' prompt.txt), and its rare tokens.
@@ -700,7 +760,8 @@ def score_binding(pipe, adapters, shape, own_style, new_style, n, seed, model, f
 def run_adapter(run, stage):
     """{layer: (U, V)}, fp32, of a finished b4m.py run's stage folder (content, style or b4m)."""
     sd, _ = b4m_py.read_lora(Path(run) / stage / b4m_py.WEIGHTS)
-    return {k[len("unet."):-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float(), v.float())
+    return {k[len("unet."):-len(".lora_A.weight")]: (sd[k.replace("lora_A", "lora_B")].float(),
+                                                      v.float())
             for k, v in sd.items() if k.endswith(".lora_A.weight")}
 
 
@@ -710,9 +771,10 @@ def stage_adapters(run):
 
 
 def block_norms(adapter):
-    """{block: Frobenius norm over every layer} of the four blocks of dW = U V = [[A C, A D], [B C, B D]]
-    (b4m.py's section 1): A C the frozen scaffold, A D the content half's, B C the style half's, and
-    B D the cross block, which in a made adapter pairs the style stage's B with the content stage's D."""
+    """{block: Frobenius norm over every layer} of the four blocks of dW = U V =
+    [[A C, A D], [B C, B D]] (b4m.py's section 1): A C the frozen scaffold, A D the content half's,
+    B C the style half's, and B D the cross block, which in a made adapter pairs the style stage's
+    B with the content stage's D."""
     squares = dict.fromkeys(["AC", "AD", "BC", "BD"], 0.0)
     for U, V in adapter.values():
         A, B, C, D = b4m_py.halves(U.double(), V.double())
@@ -728,7 +790,8 @@ def without_cross(adapter):
     for name, (U, V) in adapter.items():
         A, B, C, D = b4m_py.halves(U, V)
         out[name] = (torch.cat([torch.cat([A, A], 1), torch.cat([B, torch.zeros_like(B)], 1)]),
-                     torch.cat([torch.cat([C, torch.zeros_like(D)], 1), torch.cat([torch.zeros_like(C), D], 1)]))
+                     torch.cat([torch.cat([C, torch.zeros_like(D)], 1),
+                                torch.cat([torch.zeros_like(C), D], 1)]))
     return out
 
 
@@ -742,16 +805,21 @@ def cmd_blocks(args):
         for stage in ("content", "style", "b4m"):
             norms.setdefault(stage, []).append(block_norms(run_adapter(run, stage)))
         if args.n:
-            shape, style = run.parts[-3].split("-")  # .../{test,search}/{shape}-{style}/{seed,setting}/b4m
+            # .../{test,search}/{shape}-{style}/{seed,setting}/b4m
+            shape, style = run.parts[-3].split("-")
             config = json.loads((run / "config.json").read_text())["settings"]
-            for name, adapter in [("made", run_adapter(run, "b4m")), ("without cross", without_cross(run_adapter(run, "b4m")))]:
-                got = classify(b4m_py.generate(pipe, adapter, config["prompt"], num_samples=args.n, seed=config["seed"],
-                                               steps=config["sample_steps"], resolution=config["sample_resolution"],
+            for name, adapter in [("made", run_adapter(run, "b4m")),
+                                  ("without cross", without_cross(run_adapter(run, "b4m")))]:
+                got = classify(b4m_py.generate(pipe, adapter, config["prompt"], num_samples=args.n,
+                                               seed=config["seed"], steps=config["sample_steps"],
+                                               resolution=config["sample_resolution"],
                                                guidance=config["sample_guidance"]), model)
-                read.setdefault(str(run), {})[name] = {"shape": sum(s == shape for s, _ in got) / args.n,
-                                                       "style": sum(t == style for _, t in got) / args.n,
-                                                       "both": sum(s == shape and t == style for s, t in got) / args.n}
-    print(json.dumps({stage: {k: round(sum(r[k] for r in rs) / len(rs), 2) for k in rs[0]} | {"runs": len(rs)}
+                read.setdefault(str(run), {})[name] = {
+                    "shape": sum(s == shape for s, _ in got) / args.n,
+                    "style": sum(t == style for _, t in got) / args.n,
+                    "both": sum(s == shape and t == style for s, t in got) / args.n}
+    print(json.dumps({stage: {k: round(sum(r[k] for r in rs) / len(rs), 2) for k in rs[0]}
+                             | {"runs": len(rs)}
                       for stage, rs in norms.items()} | read, indent=1))
 
 
@@ -763,7 +831,8 @@ def binding_table(record):
         part, method, *_ = key.split("/")
         if part == "binding":
             cells.setdefault(method, []).append(r)
-    rows = ["| method | stage | cells | without its token (target <= 0.20) | token in a known context (target >= 0.50) |",
+    rows = ["| method | stage | cells | without its token (target <= 0.20) "
+            "| token in a known context (target >= 0.50) |",
             "|---|---|---|---|---|"]
     for method, runs in cells.items():
         for stage in ("content", "style"):
@@ -803,13 +872,18 @@ def cmd_joint(args):
     words: can this world compose learned concepts at all?"""
     torch.set_num_threads(args.threads)
     pipe, model = load_model(), load_evaluator()
-    if args.rare_init == "class-mean":  # as CLIP's rare tokens: trained-looking embeddings, no concept
+    # as CLIP's rare tokens: trained-looking embeddings, no concept
+    if args.rare_init == "class-mean":
         rare_as_class_means(pipe)
-    prompts = {"combined": PROMPTS["combined"], "union": "a photo of snq object in an image in w@z style",
-               "style_first": "an image in w@z style of a snq object"}  # each token after its own set's words
+    prompts = {"combined": PROMPTS["combined"],
+               "union": "a photo of snq object in an image in w@z style",
+               # each token after its own set's words
+               "style_first": "an image in w@z style of a snq object"}
     others = [p for p in VALIDATION_PAIRS if p not in SEARCH_PAIRS]  # validation, never searched on
-    for shape, own, new in {"validation": SEARCH_PAIRS, "other-validation": others, "test": TEST_PAIRS}[args.pairs]:
-        content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new, lever=args.lever)
+    for shape, own, new in {"validation": SEARCH_PAIRS, "other-validation": others,
+                            "test": TEST_PAIRS}[args.pairs]:
+        content, style = image_sets(Path(args.out) / f"sets-{WORLD}", shape, own, new,
+                                    lever=args.lever)
         adapter, _ = joint_stage(pipe, content, style, rank=args.rank, seed=args.seed,
                                  steps=args.steps, lr=args.lr)
         tag = f"{shape}-{new}-{args.lever}-{args.rare_init}-lr{args.lr:g}-s{args.steps}"
@@ -827,25 +901,28 @@ def cmd_joint(args):
                            "own_style": sum(b == own for _, b in got) / len(got)}
         from diffusers.utils import make_image_grid  # one row per prompt, in order
         make_image_grid(shown, len(shown) // 8, 8).save(Path(args.out) / f"joint-{tag}.png")
-        print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts, "samples": args.n,
-                          "lr": args.lr, "steps": args.steps, "rank": args.rank, "lever": args.lever,
-                          "rare_init": args.rare_init}),
+        print(json.dumps({"pair": [shape, own, new], "both_right": row, "parts": parts,
+                          "samples": args.n, "lr": args.lr, "steps": args.steps, "rank": args.rank,
+                          "lever": args.lever, "rare_init": args.rare_init}),
               flush=True)
 
 
-# The quick start's flags: one lr for both break stages. Measured here (single 300-step stages, seed 0):
-# content stages draw the new shape at 2e-3 and 3e-3; style stages draw checker best at 1e-3, neon only at 3e-3.
-B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-steps", "50", "--batch-size", "8",
-             "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4", "--make-lr", "3e-4"]
+# The quick start's flags: one lr for both break stages. Measured here (single 300-step stages,
+# seed 0): content stages draw the new shape at 2e-3 and 3e-3; style stages draw checker best at
+# 1e-3, neon only at 3e-3.
+B4M_FLAGS = ["--resolution", "32", "--rank", "16", "--steps", "300", "--make-steps", "50",
+             "--batch-size", "8", "--grad-accum", "1", "--lr", "1.5e-3", "--aux-lr", "1.5e-4",
+             "--make-lr", "3e-4"]
 METHODS = {"b4m": [], "lora-merge": ["--baseline", "lora-merge"], "no-mcp": ["--no-mcp"],
-           "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"], "make-steps-0": ["--make-steps", "0"],
+           "no-orth-prior": ["--no-orth-prior"], "no-precondition": ["--no-precondition"],
+           "make-steps-0": ["--make-steps", "0"],
            "joint": []}  # joint: not a b4m.py run (run_joint)
 # The ablations that change make only, and the finished runs whose break stages they may keep
 # (--resume): B4M's, or, where that folder is gone (B4M recorded in another checkout), the
 # other make-only ablation's (its break stages are B4M's: the same flags and seed).
 REUSE_BREAK = {"no-precondition": ["b4m"], "make-steps-0": ["b4m", "no-precondition"]}
-# A pair: (new shape, the content set's own known style, new style); the style set: every known shape.
-# v2's nine new content-style pairs, split
+# A pair: (new shape, the content set's own known style, new style); the style set: every known
+# shape. v2's nine new content-style pairs, split
 # once: the test pairs are the four that v1 also held out (so the old regime can be scored on the
 # same pairs); the five with crescent or zebra are for choosing settings and never scored.
 TEST_PAIRS = [("heart", "blue", "checker"), ("heart", "blue", "neon"), ("arrow", "red", "checker"),
@@ -853,7 +930,8 @@ TEST_PAIRS = [("heart", "blue", "checker"), ("heart", "blue", "neon"), ("arrow",
 # The crescent's content set is red: in outline style (its first choice) the 32-px rim carried so
 # little of the shape that neither method's content stage drew it in a 300-step probe (0 and 6 %).
 VALIDATION_PAIRS = [("crescent", "red", "checker"), ("crescent", "red", "neon"),
-                    ("crescent", "red", "zebra"), ("heart", "blue", "zebra"), ("arrow", "red", "zebra")]
+                    ("crescent", "red", "zebra"), ("heart", "blue", "zebra"),
+                    ("arrow", "red", "zebra")]
 
 
 def bootstrap(values, resamples=10000, seed=0, level=0.95):
@@ -862,7 +940,8 @@ def bootstrap(values, resamples=10000, seed=0, level=0.95):
     x = torch.tensor(values, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
-    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                   dtype=torch.float64))
     return x.mean().item(), low.item(), high.item()
 
 
@@ -873,13 +952,16 @@ def paired_difference(a, b, **kw):
 
 
 def image_sets(out, shape, own_style, new_style, n=8, lever=None):
-    """A b4m content set (the new shape in a known style) and style set (known shapes in the new style).
-    Levers (issue 24, joint only): "named": the content prompt names the set's own style, as "a photo
-    of" names a photo's look to SD; "varied": the content set cycles through four known styles."""
-    content, style = out / f"content_{shape}_{own_style}{'_' + lever if lever else ''}", out / f"style_{new_style}"
+    """A b4m content set (the new shape in a known style) and style set (known shapes in the new
+    style). Levers (issue 24, joint only): "named": the content prompt names the set's own style, as
+    "a photo of" names a photo's look to SD; "varied": the content set cycles through four known
+    styles."""
+    content, style = (out / f"content_{shape}_{own_style}{'_' + lever if lever else ''}",
+                      out / f"style_{new_style}")
     content.mkdir(parents=True, exist_ok=True)
     style.mkdir(parents=True, exist_ok=True)
-    for seed in range(5000, 5000 + n):  # the quick start's sets are the first pair's (examples/toy_*)
+    # the quick start's sets are the first pair's (examples/toy_*)
+    for seed in range(5000, 5000 + n):
         own = KNOWN_STYLES[seed % 4] if lever == "varied" else own_style
         draw(shape, own, seed).save(content / f"{shape}_{own}_{seed}.png")
         other = KNOWN_SHAPES[seed % len(KNOWN_SHAPES)]
@@ -897,24 +979,28 @@ def b4m(*argv, threads=None):
 
 def run_method(method, out, content, style, seed, n, flags=None, threads=None):
     """One b4m.py run of `method` in out/method (flags: the run's settings, default the old
-    regime's B4M_FLAGS); a finished run is kept, a stopped one resumed. The ablations that change only
-    make reuse the break stages of a finished out/b4m (or REUSE_BREAK's other run) when there is one
-    (--resume), else train their own (the same seed draws the same break stages)."""
+    regime's B4M_FLAGS); a finished run is kept, a stopped one resumed. The ablations that change
+    only make reuse the break stages of a finished out/b4m (or REUSE_BREAK's other run) when there
+    is one (--resume), else train their own (the same seed draws the same break stages)."""
     run = out / method
     if (run / "samples" / f"b4m_{n - 1}.png").exists():
         return run  # finished by an earlier call: compare can be stopped and started again
     if method == "joint":
         return run_joint(run, content, style, seed, n, flags, threads)
-    common = ["--content", str(content), "--style", str(style), "--model", str(MODEL), "--seed", str(seed),
-              *(B4M_FLAGS if flags is None else flags), "--num-samples", str(n), "--out", str(run)]
-    done = [m for m in REUSE_BREAK.get(method, []) if (out / m / "samples" / f"b4m_{n - 1}.png").exists()]
+    common = ["--content", str(content), "--style", str(style), "--model", str(MODEL),
+              "--seed", str(seed), *(B4M_FLAGS if flags is None else flags),
+              "--num-samples", str(n), "--out", str(run)]
+    done = [m for m in REUSE_BREAK.get(method, [])
+            if (out / m / "samples" / f"b4m_{n - 1}.png").exists()]
     if done:
         run.mkdir(parents=True, exist_ok=True)
         for part in ["content", "style", "config.json", "losses.csv", "report.json"]:
             src = out / done[0] / part  # copied again over an interrupted earlier attempt
-            shutil.copytree(src, run / part, dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, run / part)
+            (shutil.copytree(src, run / part, dirs_exist_ok=True) if src.is_dir()
+             else shutil.copy(src, run / part))
         common.append("--resume")
-    elif b4m_py.read_config(run) is not None:  # stopped earlier (a session's end): go on from its checkpoints
+    elif b4m_py.read_config(run) is not None:
+        # stopped earlier (a session's end): go on from its checkpoints
         try:
             b4m(*common, "--resume", *METHODS[method], threads=threads)
             return run
@@ -929,12 +1015,13 @@ def run_method(method, out, content, style, seed, n, flags=None, threads=None):
 
 
 def run_joint(run, content, style, seed, n, setting, threads=None):
-    """One joint run (`joint-run`, in a process of its own as b4m.py's runs are), in b4m's layout."""
+    """One joint run (`joint-run`, in a process of its own as b4m.py's runs are), in
+    b4m's layout."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    subprocess.run([sys.executable, str(HERE / "toyworld.py"), "joint-run", "--world", WORLD, "--content",
-                    str(content), "--style", str(style), "--seed", str(seed), "--n", str(n), "--steps",
-                    str(setting["steps"]), "--lr", f"{setting['lr']:g}", "--threads", str(threads or 2),
-                    "--out", str(run)], check=True, env=env)
+    subprocess.run([sys.executable, str(HERE / "toyworld.py"), "joint-run", "--world", WORLD,
+                    "--content", str(content), "--style", str(style), "--seed", str(seed),
+                    "--n", str(n), "--steps", str(setting["steps"]), "--lr", f"{setting['lr']:g}",
+                    "--threads", str(threads or 2), "--out", str(run)], check=True, env=env)
     return run
 
 
@@ -946,13 +1033,15 @@ def cmd_joint_run(args):
     pipe, run = load_model(), Path(args.out)
     adapter, log = joint_stage(pipe, args.content, args.style, rank=args.rank, seed=args.seed,
                                steps=args.steps, lr=args.lr)
-    meta = {"stage": "joint", "steps": args.steps, "lr": args.lr, "rank": args.rank, "seed": args.seed}
+    meta = {"stage": "joint", "steps": args.steps, "lr": args.lr, "rank": args.rank,
+            "seed": args.seed}
     b4m_py.save_lora(run / "joint", adapter, "unet", meta)
     prompts = {"content": (Path(args.content) / "prompt.txt").read_text().strip(),
-               "style": (Path(args.style) / "prompt.txt").read_text().strip(), "b4m": PROMPTS["combined"]}
+               "style": (Path(args.style) / "prompt.txt").read_text().strip(),
+               "b4m": PROMPTS["combined"]}
     for name, prompt in prompts.items():
-        images = b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25, resolution=SIZE,
-                                 seed=args.seed)
+        images = b4m_py.generate(pipe, adapter, prompt, num_samples=args.n, steps=25,
+                                 resolution=SIZE, seed=args.seed)
         for i, im in enumerate(images):
             png = b4m_py.to_bytes(lambda f: im.save(f, format="PNG"))
             b4m_py.write_file(run / "samples" / f"{name}_{i}.png", png)
@@ -964,7 +1053,8 @@ def score_run(run, shape, own_style, new_style, n, model):
     got = {k: classify([Image.open(run / "samples" / f"{k}_{i}.png") for i in range(n)], model)
            for k in ("b4m", "content", "style")}
     share = lambda k, f: sum(map(f, got[k])) / n
-    return {"content": share("b4m", lambda g: g[0] == shape), "style": share("b4m", lambda g: g[1] == new_style),
+    return {"content": share("b4m", lambda g: g[0] == shape),
+            "style": share("b4m", lambda g: g[1] == new_style),
             "both": share("b4m", lambda g: g == (shape, new_style)),
             "style_leak": share("b4m", lambda g: g[1] == own_style),
             "shape_leak": share("b4m", lambda g: g[0] in KNOWN_SHAPES),
@@ -972,7 +1062,8 @@ def score_run(run, shape, own_style, new_style, n, model):
             "style_stage_style": share("style", lambda g: g[1] == new_style)}
 
 
-SCORES = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape", "style_stage_style"]
+SCORES = ["content", "style", "both", "style_leak", "shape_leak", "content_stage_shape",
+          "style_stage_style"]
 
 # ---------------------------------------------------------------------------------------------
 # 5. The comparison in v2 (issue 17): the same search for every method, then the test pairs
@@ -987,11 +1078,11 @@ RECORDS = {"v1": "compare.json", "v2": "compare.json", "v3": "compare-v3.json"}
 def record_file():
     return ROOT / RECORDS[WORLD]
 
-# What every v2 run shares. Rank 8: r / m_f <= 0.25 in every adapted layer (SDXL at rank 64: 0.1-0.2).
-# 150 steps per break stage (per LoRA of the merge) and 50 of make, batch 8: so that the quick
-# start, the chosen B4M settings, fits in 4 minutes on 2 cores.
-V2_FLAGS = ["--resolution", "32", "--rank", "8", "--steps", "150", "--make-steps", "50", "--batch-size", "8",
-            "--grad-accum", "1", "--make-lr", "3e-4"]
+# What every v2 run shares. Rank 8: r / m_f <= 0.25 in every adapted layer (SDXL at rank 64:
+# 0.1-0.2). 150 steps per break stage (per LoRA of the merge) and 50 of make, batch 8: so that the
+# quick start, the chosen B4M settings, fits in 4 minutes on 2 cores.
+V2_FLAGS = ["--resolution", "32", "--rank", "8", "--steps", "150", "--make-steps", "50",
+            "--batch-size", "8", "--grad-accum", "1", "--make-lr", "3e-4"]
 # The search: the same budget for both methods, 4 settings, each run once (seed 0) on each search
 # pair, at the same steps and rank (so B4M trains half the entries a LoRA of the merge trains: B
 # and D of U and V). Chosen by both-right of the combined prompt, averaged over the search pairs.
@@ -1001,19 +1092,23 @@ V2_FLAGS = ["--resolution", "32", "--rank", "8", "--steps", "150", "--make-steps
 # the output through A (on B through C), and Adam's step does not grow with the gradient, so a
 # scaffold s times smaller asks about 1/s times the lr: the lrs grow as the scale shrinks.
 SEARCH_PAIRS = [("crescent", "red", "neon"), ("arrow", "red", "zebra")]  # from VALIDATION_PAIRS
-SEARCH = {"b4m": [dict(prior_scale=0.7, lr=6e-3, style_lr=3e-3), dict(prior_scale=0.7, lr=6e-3, style_lr=6e-3),
-                  dict(prior_scale=0.5, lr=8e-3, style_lr=4e-3), dict(prior_scale=0.5, lr=8e-3, style_lr=8e-3)],
+SEARCH = {"b4m": [dict(prior_scale=0.7, lr=6e-3, style_lr=3e-3),
+                  dict(prior_scale=0.7, lr=6e-3, style_lr=6e-3),
+                  dict(prior_scale=0.5, lr=8e-3, style_lr=4e-3),
+                  dict(prior_scale=0.5, lr=8e-3, style_lr=8e-3)],
           "lora-merge": [dict(lr=4e-3, style_lr=1.5e-3), dict(lr=4e-3, style_lr=3e-3),
                          dict(lr=8e-3, style_lr=1.5e-3), dict(lr=8e-3, style_lr=3e-3)]}
-# v3 (issue 24): the same budget, 4 settings a method, now with joint training, and the steps searched
-# too (joint composed at 400 steps, not at 150): each method gets two settings at 150 steps and two
-# at 400. Rare tokens at their class means, baked into model-v3 (rare_as_class_means).
+# v3 (issue 24): the same budget, 4 settings a method, now with joint training, and the steps
+# searched too (joint composed at 400 steps, not at 150): each method gets two settings at 150 steps
+# and two at 400. Rare tokens at their class means, baked into model-v3 (rare_as_class_means).
 SEARCH_V3 = {"b4m": [dict(steps=150, prior_scale=0.7, lr=6e-3, style_lr=3e-3),
                      dict(steps=150, prior_scale=0.5, lr=8e-3, style_lr=8e-3),
                      dict(steps=400, prior_scale=0.7, lr=3e-3, style_lr=1.5e-3),
                      dict(steps=400, prior_scale=0.7, lr=6e-3, style_lr=3e-3)],
-             "lora-merge": [dict(steps=150, lr=4e-3, style_lr=1.5e-3), dict(steps=150, lr=8e-3, style_lr=3e-3),
-                            dict(steps=400, lr=2e-3, style_lr=1e-3), dict(steps=400, lr=4e-3, style_lr=1.5e-3)],
+             "lora-merge": [dict(steps=150, lr=4e-3, style_lr=1.5e-3),
+                            dict(steps=150, lr=8e-3, style_lr=3e-3),
+                            dict(steps=400, lr=2e-3, style_lr=1e-3),
+                            dict(steps=400, lr=4e-3, style_lr=1.5e-3)],
              "joint": [dict(steps=150, lr=4e-3), dict(steps=150, lr=8e-3), dict(steps=400, lr=2e-3),
                        dict(steps=400, lr=4e-3)]}
 TEST_SEEDS = [0, 1, 2, 3, 4]
@@ -1031,10 +1126,12 @@ def setting_flags(method, setting):
     if method == "joint":
         return setting
     steps = ["--steps", str(setting["steps"])] if "steps" in setting else []
-    flags = [*V2_FLAGS, *steps, "--lr", f"{setting['lr']:g}", "--style-lr", f"{setting['style_lr']:g}"]
+    flags = [*V2_FLAGS, *steps, "--lr", f"{setting['lr']:g}",
+             "--style-lr", f"{setting['style_lr']:g}"]
     if method == "lora-merge":
         return flags
-    return [*flags, "--aux-lr", f"{setting['lr'] / 10:g}", "--prior-scale", f"{setting['prior_scale']:g}"]
+    return [*flags, "--aux-lr", f"{setting['lr'] / 10:g}",
+            "--prior-scale", f"{setting['prior_scale']:g}"]
 
 
 def read_record():
@@ -1060,13 +1157,16 @@ def choose(record):
     for method, settings in search().items():
         best = None
         for i, setting in enumerate(settings):
-            runs = [record["runs"].get(f"search/{method}/{i}/{a}-{c}/seed0") for a, _, c in SEARCH_PAIRS]
+            runs = [record["runs"].get(f"search/{method}/{i}/{a}-{c}/seed0")
+                    for a, _, c in SEARCH_PAIRS]
             if None in runs:
                 best = None
                 break
             mean = {k: sum(r[k] for r in runs) / len(runs) for k in SCORES}
-            rows.append({"method": method, "setting": setting, "both_per_pair": [r["both"] for r in runs], **mean})
-            stages = (mean["content_stage_shape"] + mean["style_stage_style"]) / 2 if WORLD == "v3" else 0
+            rows.append({"method": method, "setting": setting,
+                         "both_per_pair": [r["both"] for r in runs], **mean})
+            stages = ((mean["content_stage_shape"] + mean["style_stage_style"]) / 2
+                      if WORLD == "v3" else 0)
             if best is None or (mean["both"], stages) > best[0]:
                 best = ((mean["both"], stages), setting)
         chosen[method] = best and best[1]
@@ -1081,26 +1181,31 @@ def keep_chosen(record):
 
 
 def plan(phase, record, seeds):
-    """The phase's runs as groups: --jobs groups run side by side, a group's runs one after the other
-    (a cell's B4M run before the ablations that reuse its break stages): [[(key, method, flags, pair,
-    seed, folder)]]."""
+    """The phase's runs as groups: --jobs groups run side by side, a group's runs one after the
+    other (a cell's B4M run before the ablations that reuse its break stages): [[(key, method,
+    flags, pair, seed, folder)]]."""
     name = lambda pair: f"{pair[0]}-{pair[2]}"
     if phase == "search":
-        return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting), pair, 0,
-                  Path("search") / name(pair) / f"setting{i}")]
-                for pair in SEARCH_PAIRS for method in search() for i, setting in enumerate(search()[method])]
+        return [[(f"search/{method}/{i}/{name(pair)}/seed0", method, setting_flags(method, setting),
+                  pair, 0, Path("search") / name(pair) / f"setting{i}")]
+                for pair in SEARCH_PAIRS for method in search()
+                for i, setting in enumerate(search()[method])]
     if phase == "old":  # v1 and the quick start's old flags (B4M_FLAGS), on the same test pairs
-        return [[(f"old/{method}/{name(pair)}/seed{seed}", method, None, pair, seed, Path("old") / name(pair) / f"seed{seed}")
+        return [[(f"old/{method}/{name(pair)}/seed{seed}", method, None, pair, seed,
+                  Path("old") / name(pair) / f"seed{seed}")
                  for method in ("b4m", "lora-merge")] for seed in seeds for pair in TEST_PAIRS]
     chosen = record.get("chosen", {})
     if not all(chosen.get(m) for m in search()):
-        raise SystemExit(f"compare --phase {phase}: no chosen settings in {record_file()}; run --phase search first")
+        raise SystemExit(f"compare --phase {phase}: no chosen settings in {record_file()}; "
+                         "run --phase search first")
     # Ablations: first the cheap make-only ones on every cell, then those that train their own
     # break stages; B4M first in each group, kept where the test phase scored it.
-    passes = [list(search())] if phase == "test" else [["b4m", *REUSE_BREAK], ["b4m", "no-mcp", "no-orth-prior"]]
+    passes = ([list(search())] if phase == "test"
+              else [["b4m", *REUSE_BREAK], ["b4m", "no-mcp", "no-orth-prior"]])
     searched = lambda m: m if m in search() else "b4m"  # ablations: at B4M's settings
     flags = lambda m: setting_flags(searched(m), chosen[searched(m)])
-    return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed, Path("test") / name(pair) / f"seed{seed}")
+    return [[(f"test/{m}/{name(pair)}/seed{seed}", m, flags(m), pair, seed,
+              Path("test") / name(pair) / f"seed{seed}")
              for m in methods] for methods in passes for seed in seeds for pair in TEST_PAIRS]
 
 
@@ -1111,7 +1216,8 @@ def import_v1(record):
     for r in v1["results"]:
         if r["method"] in ("b4m", "lora-merge"):
             key = f"old/{r['method']}/{r['pair'][0]}-{r['pair'][1]}/seed{r['seed']}"
-            record["runs"].setdefault(key, {**{k: r[k] for k in SCORES}, "imported": "compare-v1.json"})
+            record["runs"].setdefault(key, {**{k: r[k] for k in SCORES},
+                                            "imported": "compare-v1.json"})
 
 
 def cmd_compare(args):
@@ -1141,15 +1247,17 @@ def cmd_compare(args):
             started = time.time()
             run = run_method(method, out / folder, content, style, seed, args.n, flags,
                              threads=1 if args.jobs > 1 else None)
-            result = {**score_run(run, *pair, args.n, model), "seconds": round(time.time() - started),
-                      "flags": B4M_FLAGS if flags is None else flags, "method_flags": METHODS[method],
-                      "samples": args.n}
+            result = {**score_run(run, *pair, args.n, model),
+                      "seconds": round(time.time() - started),
+                      "flags": B4M_FLAGS if flags is None else flags,
+                      "method_flags": METHODS[method], "samples": args.n}
             write_record(lambda record: record["runs"].__setitem__(key, result))
             add_wall()
-            print(f"{key}: both {result['both']:.2f}, {result['seconds']} s ({time.time() - t0:.0f} s in all)",
-                  flush=True)
+            print(f"{key}: both {result['both']:.2f}, {result['seconds']} s "
+                  f"({time.time() - t0:.0f} s in all)", flush=True)
 
-    def add_wall():  # the phase's wall time, added as runs finish: a stopped compare keeps its count
+    # the phase's wall time, added as runs finish: a stopped compare keeps its count
+    def add_wall():
         with RECORD_LOCK:
             seconds = round(time.time() - counted[0])
             counted[0] += seconds
@@ -1161,7 +1269,8 @@ def cmd_compare(args):
     if args.phase == "search":
         write_record(keep_chosen)
     if args.phase in ("test", "ablations"):
-        picture(out / "test" / "heart-checker" / "seed0")  # the README's picture, whichever seeds ran
+        # the README's picture, whichever seeds ran
+        picture(out / "test" / "heart-checker" / "seed0")
     use_world(args.world)
     add_wall()
     report(read_record())
@@ -1170,22 +1279,26 @@ def cmd_compare(args):
 def run_folder(out, key):
     """(run folder, pair) of a search or test key of the record."""
     part, method, *setting, pair, seed = key.split("/")
-    found = next(p for p in (SEARCH_PAIRS if part == "search" else TEST_PAIRS) if f"{p[0]}-{p[2]}" == pair)
-    return out / (Path(part, pair, f"setting{setting[0]}") if part == "search" else Path(part, pair, seed)) / method, found
+    found = next(p for p in (SEARCH_PAIRS if part == "search" else TEST_PAIRS)
+                 if f"{p[0]}-{p[2]}" == pair)
+    return out / (Path(part, pair, f"setting{setting[0]}") if part == "search"
+                  else Path(part, pair, seed)) / method, found
 
 
 def rescore_phase(out, n):
     """Every search and test run of the record, its saved samples read again by this world's
     evaluator, and by the first one (kept beside, as "first_evaluator"), so the phase can be run
     again at any time. A run whose folder is gone keeps its scores, and is named."""
-    model, first, missing, scores = load_evaluator(), load_evaluator(ROOT / "evaluator.safetensors"), [], {}
+    model, first, missing, scores = (load_evaluator(),
+                                     load_evaluator(ROOT / "evaluator.safetensors"), [], {})
     for key in read_record()["runs"]:  # read first, written at once: other compares may be writing
         if key.split("/")[0] in ("search", "test"):
             run, pair = run_folder(out, key)
             if not (run / "samples" / f"b4m_{n - 1}.png").exists():
                 missing.append(key)
                 continue
-            scores[key] = {**score_run(run, *pair, n, model), "first_evaluator": score_run(run, *pair, n, first),
+            scores[key] = {**score_run(run, *pair, n, model),
+                           "first_evaluator": score_run(run, *pair, n, first),
                            "evaluator": evaluator_file().name}
 
     def update(record):
@@ -1201,19 +1314,25 @@ def binding_phase(out, n):
     merge (its two LoRAs), in this process; runs this world's evaluator scored are skipped."""
     pipe, model, t0 = load_model(), load_evaluator(), time.time()
     first = load_evaluator(ROOT / "evaluator.safetensors")
-    for key in [k for k in read_record()["runs"] if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
+    for key in [k for k in read_record()["runs"]
+                if k.split("/")[:2] in (["test", "b4m"], ["test", "lora-merge"])]:
         _, method, pair, seed = key.split("/")
-        if read_record()["runs"].get(f"binding/{method}/{pair}/{seed}", {}).get("evaluator") == evaluator_file().name:
-            continue  # scored by this evaluator (not yet: scored by the first, before it had a name)
+        if (read_record()["runs"].get(f"binding/{method}/{pair}/{seed}", {}).get("evaluator")
+                == evaluator_file().name):
+            # scored by this evaluator (not yet: scored by the first, before it had a name)
+            continue
         shape, own, new = next(p for p in TEST_PAIRS if f"{p[0]}-{p[2]}" == pair)
         run = out / "test" / pair / seed / method
         args = (pipe, stage_adapters(run), shape, own, new, n, int(seed[4:]))
         result = score_binding(*args, model, run / "binding")
-        # the first evaluator's reading beside, as rescore_phase keeps it (the samples are saved now)
+        # the first evaluator's reading beside, as rescore_phase keeps it (the samples are
+        # saved now)
         result["first_evaluator"] = score_binding(*args, first, run / "binding")
         result["evaluator"] = evaluator_file().name
-        write_record(lambda record: record["runs"].__setitem__(f"binding/{method}/{pair}/{seed}", result))
-        print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} ({time.time() - t0:.0f} s in all)", flush=True)
+        write_record(lambda record: record["runs"].__setitem__(
+            f"binding/{method}/{pair}/{seed}", result))
+        print(f"binding/{method}/{pair}/{seed}: {json.dumps(result)} "
+              f"({time.time() - t0:.0f} s in all)", flush=True)
     report(read_record())
 
 
@@ -1231,16 +1350,19 @@ def table(record, phase, methods, against=("lora-merge",), only=None):
     rows = ["| method | cells | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
     for method in (m for m in methods if m in cells):
         runs = list(cells[method].values())
-        rows.append(f"| {method} | {len(runs)} | " + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES)
-                    + " |")
-    pairs = [("b4m", m) for m in against] if against else [(m, "b4m") for m in methods if m != "b4m"]
+        rows.append(f"| {method} | {len(runs)} | "
+                    + " | ".join(fmt(*bootstrap([r[k] for r in runs])) for k in SCORES) + " |")
+    pairs = ([("b4m", m) for m in against] if against
+             else [(m, "b4m") for m in methods if m != "b4m"])
     for a, b in pairs:
         if a not in cells or b not in cells:
             continue
         both = sorted(set(cells[a]) & set(cells[b]))
-        diff = [fmt(*paired_difference([cells[a][c][k] for c in both], [cells[b][c][k] for c in both]))
+        diff = [fmt(*paired_difference([cells[a][c][k] for c in both],
+                                       [cells[b][c][k] for c in both]))
                 for k in SCORES]
-        name = {"lora-merge": "B4M − merge", "joint": "B4M − joint"}.get(b) if a == "b4m" else f"{a} − b4m"
+        name = ({"lora-merge": "B4M − merge", "joint": "B4M − joint"}.get(b) if a == "b4m"
+                else f"{a} − b4m")
         rows.append(f"| {name} (paired) | {len(both)} | " + " | ".join(diff) + " |")
     return rows, cells
 
@@ -1256,12 +1378,13 @@ def gate_c(record, cells):
         runs = [(pair.split("-"), r) for (pair, _), r in cells.get(method, {}).items()]
         if chosen.get(method):
             i = search()[method].index(chosen[method])
-            runs += [((a, c), record["runs"][f"search/{method}/{i}/{a}-{c}/seed0"]) for a, _, c in SEARCH_PAIRS]
+            runs += [((a, c), record["runs"][f"search/{method}/{i}/{a}-{c}/seed0"])
+                     for a, _, c in SEARCH_PAIRS]
         shares = []
         for concept in HELD_OUT_SHAPES + HELD_OUT_STYLES:
             kind = 0 if concept in HELD_OUT_SHAPES else 1
-            got = [r["content_stage_shape" if kind == 0 else "style_stage_style"] for pair, r in runs
-                   if pair[kind] == concept]
+            got = [r["content_stage_shape" if kind == 0 else "style_stage_style"]
+                   for pair, r in runs if pair[kind] == concept]
             shares.append(f"{sum(got) / len(got):.2f} ({len(got)})" if got else "n/a")
         rows.append(f"| {method} | " + " | ".join(shares) + " |")
     return rows
@@ -1270,7 +1393,8 @@ def gate_c(record, cells):
 def picture(cell, k=8):
     """compare.png: a row per method of the cell's first k combined-prompt samples; left as it is
     while the cell lacks B4M's or the merge's run (recorded in another checkout)."""
-    methods = [m for m in ["b4m", "lora-merge", "joint", *ABLATIONS] if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
+    methods = [m for m in ["b4m", "lora-merge", "joint", *ABLATIONS]
+               if (cell / m / "samples" / f"b4m_{k - 1}.png").exists()]
     if methods[:2] != ["b4m", "lora-merge"]:
         return
     grid = Image.new("RGB", ((4 + k) * SIZE, SIZE * len(methods)), "white")
@@ -1278,7 +1402,8 @@ def picture(cell, k=8):
     for j, method in enumerate(methods):
         d.text((2, j * SIZE + 10), method, fill="black")
         for i in range(k):
-            grid.paste(Image.open(cell / method / "samples" / f"b4m_{i}.png"), ((4 + i) * SIZE, j * SIZE))
+            grid.paste(Image.open(cell / method / "samples" / f"b4m_{i}.png"),
+                       ((4 + i) * SIZE, j * SIZE))
     grid.save(record_file().with_suffix(".png"))
 
 
@@ -1287,42 +1412,52 @@ def report(record):
     joint), gate (c), the ablations; v2's also the old regime's table (v1)."""
     world = WORLD
     chosen, search_rows = record.get("chosen") or choose(record)[0], choose(record)[1]
-    lines = ["## Search (validation pairs " + ", ".join(f"{a} + {c}" for a, _, c in SEARCH_PAIRS) + "; seed 0)", "",
-             "| method | setting | both (mean) | both per pair | content stage | style stage | chosen |",
+    lines = ["## Search (validation pairs " + ", ".join(f"{a} + {c}" for a, _, c in SEARCH_PAIRS)
+             + "; seed 0)", "",
+             "| method | setting | both (mean) | both per pair | content stage | style stage "
+             "| chosen |",
              "|---|---|---|---|---|---|---|"]
     for r in search_rows:
         mark = "yes" if chosen.get(r["method"]) == r["setting"] else ""
         per_pair = ", ".join(f"{b:.2f}" for b in r["both_per_pair"])
-        lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | {per_pair} | "
-                     f"{r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} | {mark} |")
+        lines.append(f"| {r['method']} | {json.dumps(r['setting'])} | {r['both']:.2f} | "
+                     f"{per_pair} | {r['content_stage_shape']:.2f} | {r['style_stage_style']:.2f} "
+                     f"| {mark} |")
     rescored = {k: r for k, r in record["runs"].items() if "first_evaluator" in r}
     if rescored:
         now = choose(record)[0]
         differ = "; ".join(f"{m} {json.dumps(now[m])}" for m in now if now[m] != chosen.get(m))
-        lines += ["", f"Scores read by {evaluator_file().name} ({len(rescored)} runs read again). The settings "
-                  f"were chosen with the first evaluator and stay; this evaluator's reading of the search "
-                  f"would choose {differ + ' instead' if differ else 'the same'}."]
+        lines += ["", f"Scores read by {evaluator_file().name} ({len(rescored)} runs read again). "
+                  "The settings were chosen with the first evaluator and stay; this evaluator's "
+                  "reading of the search would choose "
+                  f"{differ + ' instead' if differ else 'the same'}."]
     rows, cells = table(record, "test", list(search()), against=[m for m in search() if m != "b4m"])
-    lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over (pair, seed) cells", "", *rows,
-              "", "## Gate (c): each single stage's own new concept in its own prompt's samples (cells)", "",
-              *gate_c(record, cells)]
+    lines += ["", "## Test pairs, chosen settings: mean [95 % bootstrap interval] over "
+                  "(pair, seed) cells", "", *rows,
+              "", "## Gate (c): each single stage's own new concept in its own prompt's "
+                  "samples (cells)", "", *gate_c(record, cells)]
     if rescored:
-        first = {**record, "runs": {k: {**r, **r.get("first_evaluator", {})} for k, r in record["runs"].items()}}
-        lines += ["", "## The same test runs read by the first evaluator (evaluator.safetensors)", "",
-                  *table(first, "test", list(search()), against=[m for m in search() if m != "b4m"])[0]]
+        first = {**record, "runs": {k: {**r, **r.get("first_evaluator", {})}
+                                    for k, r in record["runs"].items()}}
+        lines += ["", "## The same test runs read by the first evaluator (evaluator.safetensors)",
+                  "", *table(first, "test", list(search()),
+                             against=[m for m in search() if m != "b4m"])[0]]
     ablated = {c for m in ABLATIONS for c in cells.get(m, {})}  # cells: every method's, by cell
     if ablated:  # B4M on the cells the ablations ran, and each ablation minus B4M, cell by cell
         rows, _ = table(record, "test", ["b4m", *ABLATIONS], against=None, only=ablated)
-        lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "", *rows]
+        lines += ["", "## Ablations at B4M's chosen settings (test pairs; the cells they ran)", "",
+                  *rows]
     binding = binding_table(record)
     if binding:
-        lines += ["", "## Binding: each break stage (each LoRA of the merge) on the test pairs' probes", "", *binding]
+        lines += ["", "## Binding: each break stage (each LoRA of the merge) on the test pairs' "
+                      "probes", "", *binding]
     if world == "v2":
         use_world("v1")
         rows, _ = table(record, "old", ["b4m", "lora-merge"])
         lines += ["", "## Old regime: v1, the quick start's old flags (B4M_FLAGS)", "", *rows]
         use_world(world)
-    lines += ["", f"wall time of compare, per phase (s): {json.dumps(record.get('wall_seconds', {}))}"]
+    lines += ["", "wall time of compare, per phase (s): "
+                  f"{json.dumps(record.get('wall_seconds', {}))}"]
     record_file().with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -1330,7 +1465,8 @@ def report(record):
 def cmd_train(args):
     torch.set_num_threads(args.threads)
     ROOT.mkdir(parents=True, exist_ok=True)
-    times = json.loads((ROOT / "train_times.json").read_text()) if (ROOT / "train_times.json").exists() else {}
+    times = (json.loads((ROOT / "train_times.json").read_text())
+             if (ROOT / "train_times.json").exists() else {})
     parts = ["evaluator", "vae", "unet"] + (["rare"] if WORLDS[WORLD].get("rare") else [])
     for part in parts if args.part == "all" else [args.part]:
         t0 = time.time()
@@ -1346,7 +1482,8 @@ def cmd_train(args):
             continue
         elif part == "vae":
             vae = train_vae()
-            vae.to(torch.float16).save_pretrained(MODEL / "vae")  # the unet part saves the pipeline around it
+            # the unet part saves the pipeline around it
+            vae.to(torch.float16).save_pretrained(MODEL / "vae")
             print(json.dumps(vae_check(vae.float())), flush=True)
         else:  # the UNet and text encoder, phase by phase, resumable from a checkpoint
             from diffusers import AutoencoderKL
@@ -1373,22 +1510,25 @@ def cmd_train(args):
 
 def cmd_regime(args):
     """The README's regime table: the world's model at --rank, and SDXL at rank 64 (its shapes)."""
-    keys = ["type", "shape", "layers", "r/m_f", "r/n_f", "B rows", "D columns", "|dW_init|", "|dW_init|/|W0|",
-            "|AC|/|W0_AC|"]
+    keys = ["type", "shape", "layers", "r/m_f", "r/n_f", "B rows", "D columns", "|dW_init|",
+            "|dW_init|/|W0|", "|AC|/|W0_AC|"]
     labels = [k.replace("|", "‖") for k in keys]  # a bare | would split a markdown cell
     print("| model | " + " | ".join(labels) + " |\n" + "|---" * (len(keys) + 1) + "|")
     scale = f", scale {args.prior_scale:g}" if args.prior_scale != 1 else ""
-    for label, unet, rank, s in [(f"toy {WORLD}, r={args.rank}{scale}", load_model().unet, args.rank, args.prior_scale),
+    for label, unet, rank, s in [(f"toy {WORLD}, r={args.rank}{scale}", load_model().unet,
+                                  args.rank, args.prior_scale),
                                  ("SDXL, r=64", sdxl_unet_on_meta(), 64, 1.0)]:
         for row in regime(unet, rank, scale=s):
-            cells = ["n/a" if row[k] is None else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
+            cells = ["n/a" if row[k] is None
+                     else f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
                      for k in keys]
             print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def cmd_info(args):
-    print(json.dumps({"world": WORLD, "shapes": SHAPES, "styles": STYLES, "held_out_shapes": HELD_OUT_SHAPES,
-                      "held_out_styles": HELD_OUT_STYLES, "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
+    print(json.dumps({"world": WORLD, "shapes": SHAPES, "styles": STYLES,
+                      "held_out_shapes": HELD_OUT_SHAPES, "held_out_styles": HELD_OUT_STYLES,
+                      "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
                       "model": str(MODEL)}, indent=1))
 
 
@@ -1396,7 +1536,8 @@ def cmd_draw(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(args.n):
-        draw(args.shape, args.style, args.seed + i).save(out / f"{args.shape}_{args.style}_{args.seed + i}.png")
+        draw(args.shape, args.style, args.seed + i).save(
+            out / f"{args.shape}_{args.style}_{args.seed + i}.png")
     if args.prompt:
         (out / "prompt.txt").write_text(args.prompt + "\n")
 
@@ -1408,7 +1549,8 @@ def person_reading():
     for s in json.loads((ROOT / f"{LABELLED}.json").read_text())["samples"]:
         if s["set"] == "blind":
             shape, style = s["run"].split("/")[-3].split("-")
-            c = counts.setdefault(s["run"].split("/")[-1], dict.fromkeys(["content", "style", "both", "samples"], 0))
+            c = counts.setdefault(s["run"].split("/")[-1],
+                                  dict.fromkeys(["content", "style", "both", "samples"], 0))
             c["content"] += s["shape"] == shape
             c["style"] += s["style"] == style
             c["both"] += s["shape"] == shape and s["style"] == style
@@ -1417,13 +1559,17 @@ def person_reading():
 
 
 def cmd_labels(args):
-    """label_check of the first evaluator and of this world's, and the blind set as a person read it."""
-    print(json.dumps({"evaluator.safetensors": label_check(load_evaluator(ROOT / "evaluator.safetensors")),
-                      evaluator_file().name: label_check(load_evaluator()), "person": person_reading()}, indent=1))
+    """label_check of the first evaluator and of this world's, and the blind set as a
+    person read it."""
+    print(json.dumps({
+        "evaluator.safetensors": label_check(load_evaluator(ROOT / "evaluator.safetensors")),
+        evaluator_file().name: label_check(load_evaluator()), "person": person_reading()},
+        indent=1))
 
 
 def cmd_score(args):
-    files = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() == ".png" and "grid" not in p.name)  # not b4m's grids
+    files = sorted(p for p in Path(args.dir).iterdir()
+                   if p.suffix.lower() == ".png" and "grid" not in p.name)  # not b4m's grids
     got = classify([Image.open(p) for p in files])
     print(json.dumps({p.name: {"shape": s, "style": t} for p, (s, t) in zip(files, got)}, indent=1))
 
@@ -1448,7 +1594,8 @@ def main(argv=None):
     sub.add_parser("score").add_argument("dir")
     b = sub.add_parser("blocks", help="the four blocks' norms of B4M runs' adapters")
     b.add_argument("runs", nargs="+")
-    b.add_argument("--n", type=int, default=0, help="also sample each made adapter, with and without its cross block")
+    b.add_argument("--n", type=int, default=0,
+                   help="also sample each made adapter, with and without its cross block")
     b.add_argument("--world", choices=list(WORLDS), default="v3")
     sub.add_parser("labels").add_argument("--world", choices=list(WORLDS), default="v3")
     t = sub.add_parser("train")
@@ -1459,14 +1606,16 @@ def main(argv=None):
     r = sub.add_parser("regime")
     r.add_argument("--world", choices=list(WORLDS), default="v1")
     r.add_argument("--rank", type=positive, default=16)
-    r.add_argument("--prior-scale", type=float, default=1.0, help="b4m.py's --prior-scale (the toy model's rows)")
+    r.add_argument("--prior-scale", type=float, default=1.0,
+                   help="b4m.py's --prior-scale (the toy model's rows)")
     g = sub.add_parser("gates")
     g.add_argument("--n", type=positive, default=4)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--world", choices=list(WORLDS), default="v1")
     j = sub.add_parser("joint")
     j.add_argument("--world", choices=list(WORLDS), default="v3")
-    j.add_argument("--pairs", choices=["validation", "other-validation", "test"], default="validation")
+    j.add_argument("--pairs", choices=["validation", "other-validation", "test"],
+                   default="validation")
     j.add_argument("--rank", type=positive, default=16, help="2r: the merge's total rank")
     j.add_argument("--steps", type=positive, default=300, help="both sets at once")
     j.add_argument("--lr", type=float, default=4e-3)
@@ -1477,7 +1626,8 @@ def main(argv=None):
     j.add_argument("--lever", choices=["named", "varied"], help="see image_sets")
     j.add_argument("--rare-init", choices=["class-mean"], help="see rare_as_class_means")
     c = sub.add_parser("compare")
-    c.add_argument("--phase", choices=["search", "test", "ablations", "binding", "rescore", "old", "report"],
+    c.add_argument("--phase",
+                   choices=["search", "test", "ablations", "binding", "rescore", "old", "report"],
                    default="report")
     c.add_argument("--world", choices=["v2", "v3"], default="v3")
     c.add_argument("--out", help="the run folders (default runs/toyworld-compare[-v3])")
@@ -1488,16 +1638,17 @@ def main(argv=None):
     r.add_argument("--world", choices=list(WORLDS), default="v3")
     for flag in ("--content", "--style", "--out"):
         r.add_argument(flag, required=True)
-    for flag, kind, default in (("--seed", int, 0), ("--n", positive, 32), ("--steps", positive, 400),
-                                ("--lr", float, 4e-3), ("--rank", positive, 16), ("--threads", positive, 1)):
+    for flag, kind, default in (("--seed", int, 0), ("--n", positive, 32),
+                                ("--steps", positive, 400), ("--lr", float, 4e-3),
+                                ("--rank", positive, 16), ("--threads", positive, 1)):
         r.add_argument(flag, type=kind, default=default)
     args = p.parse_args(argv)
     use_world(getattr(args, "world", "v1"))
     if args.command == "score" and not Path(args.dir).is_dir():
         p.error(f"score: {args.dir} is not a folder; give a folder of PNG images")
-    {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "blocks": cmd_blocks, "train": cmd_train, "gates": cmd_gates,
-     "compare": cmd_compare, "regime": cmd_regime, "joint": cmd_joint, "joint-run": cmd_joint_run,
-     "labels": cmd_labels}[args.command](args)
+    {"info": cmd_info, "draw": cmd_draw, "score": cmd_score, "blocks": cmd_blocks,
+     "train": cmd_train, "gates": cmd_gates, "compare": cmd_compare, "regime": cmd_regime,
+     "joint": cmd_joint, "joint-run": cmd_joint_run, "labels": cmd_labels}[args.command](args)
 
 
 if __name__ == "__main__":
