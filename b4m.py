@@ -378,7 +378,7 @@ def make_stage(denoiser, loss, content, style, content_adapter, style_adapter, *
                 scaler.scale(L / grad_accum).backward(inputs=trained)
                 L_total += L.item() / grad_accum
             leave_unreached(optimizer)
-            clip_and_step(optimizer, scaler, max_grad_norm)  # preconditions the clipped gradients
+            clip_and_step(optimizer, scaler, max_grad_norm)  # clip, then precondition and step
             log.append([step, L_total])
             if on_step:
                 on_step(step, log, optimizer, scaler, generator)
